@@ -1,0 +1,104 @@
+"""Real servers for the whole session: beanstalkd, redis-server and moto's S3 over HTTP.
+
+Tests share the servers but never each other's data: each gets its own tubes, Redis key
+prefix and bucket.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis.asyncio as aioredis
+from moto.server import ThreadedMotoServer
+
+from tests.helpers import CREDS, REGION, Env, OpenFile
+from uploader import devservers
+from uploader.devservers import Server
+from uploader.files import Root, SourceFile, locate, open_source
+
+
+@pytest.fixture(scope="session")
+def beanstalkd_server() -> Iterator[Server]:
+    server = devservers.beanstalkd().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Server]:
+    server = devservers.redis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep the developer's ~/.aws and environment out of the tests."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def src_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def open_file(src_dir: Path) -> OpenFile:
+    """Write a file under an allowed root and open it as the scheduler would."""
+
+    def make(name: str, data: bytes) -> SourceFile:
+        path = src_dir / name
+        path.write_bytes(data)
+        root, _ = locate(str(path), (Root.of(str(src_dir)),))
+        return open_source(str(path), root)
+
+    return make
+
+
+@pytest.fixture
+def s3(moto_endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION, **CREDS)
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+async def env(
+    tmp_path: Path, beanstalkd_server: Server, redis_server: Server, moto_endpoint: str
+) -> AsyncIterator[Env]:
+    """Everything one pipeline test needs, isolated from every other test."""
+    environment = Env(
+        tmp_path=tmp_path,
+        beanstalkd=beanstalkd_server.address,
+        redis_url=f"redis://{redis_server.address}/0",
+        s3_endpoint=moto_endpoint,
+        tag=uuid.uuid4().hex[:10],
+    )
+    environment.redis = aioredis.Redis.from_url(environment.redis_url)
+    yield environment
+    await environment.close()

@@ -1,0 +1,263 @@
+"""An HTTP/1.1 fault proxy of the tests' own, between a daemon and moto's S3 server.
+
+It runs on its own event loop in a thread, so it serves a daemon that is a subprocess as well
+as one in the test's loop. Every request is read whole, then matched against the current rules
+(switchable at any time from the test thread); the first rule that matches picks the fault:
+
+- ``slowdown``: answer ``503 SlowDown`` as S3 does when it throttles;
+- ``reset``: read half the body, then reset the connection (RST, not FIN);
+- ``blackhole``: read the request and never answer, until the client gives up;
+- ``delay``: forward, then hold the answer for ``delay`` seconds (a slow S3);
+- ``hold``: forward only once the test releases the key (`release`), so a test can act while
+  an upload is provably in flight.
+
+Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
+is relayed back with ``Connection: close``: no response parsing, and a fault can never leave
+a pooled connection in a state the test did not choose. Every request is logged as a `Record`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold"
+
+SLOWDOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+MAX_HEAD = 64 * 1024
+HOLD_POLL = 0.01  # seconds between checks of a held request's release
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    bucket: str
+    key: str
+    query: str
+
+    @property
+    def is_part(self) -> bool:
+        return "partNumber=" in self.query
+
+
+@dataclass
+class Rule:
+    """Which requests get a fault, and how many: `per_key` times per key, `count` in all,
+    or every match until `until` (time.monotonic()); no bound at all means every match."""
+
+    fault: Fault
+    prefix: str = ""  # object key prefix; "" matches every request, bucket-level ones too
+    methods: frozenset[str] = frozenset({"GET", "PUT", "POST", "HEAD", "DELETE"})
+    per_key: int | None = None
+    count: int | None = None
+    until: float | None = None
+    delay: float = 0.0
+    parts_only: bool = False
+    hits: dict[str, int] = field(default_factory=dict)
+    used: int = 0
+
+    def take(self, request: Request, now: float) -> bool:
+        if request.method not in self.methods or not request.key.startswith(self.prefix):
+            return False
+        if self.parts_only and not request.is_part:
+            return False
+        if self.until is not None and now >= self.until:
+            return False
+        if self.count is not None and self.used >= self.count:
+            return False
+        if self.per_key is not None and self.hits.get(request.key, 0) >= self.per_key:
+            return False
+        self.used += 1
+        self.hits[request.key] = self.hits.get(request.key, 0) + 1
+        return True
+
+
+@dataclass
+class Record:
+    request: Request
+    fault: Fault | None
+    started: float
+    ended: float | None = None
+    status: int | None = None  # what the client was answered; None: no answer
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._lock = threading.Lock()
+        self._rules: list[Rule] = []
+        self._released: set[str] = set()
+        self._seen_held: set[str] = set()
+        self.records: list[Record] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- control, from the test's thread ---
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
+        ).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._released.add(key)
+
+    def held(self, key: str) -> bool:
+        with self._lock:
+            return key in self._seen_held
+
+    def snapshot(self) -> list[Record]:
+        with self._lock:
+            return list(self.records)
+
+    def count(self, match: Callable[[Record], bool]) -> int:
+        return sum(1 for r in self.snapshot() if match(r))
+
+    # --- the proxy, on its own loop ---
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._one(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > MAX_HEAD:
+            raise ValueError("request head too large")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
+        length = next((int(v) for k, v in headers if k.strip().lower() == "content-length"), 0)
+        url = urlsplit(target)
+        path = unquote(url.path).lstrip("/")
+        bucket, _, key = path.partition("/")
+        request = Request(method, bucket, key, url.query)
+        now = time.monotonic()
+        with self._lock:
+            rule = next((r for r in self._rules if r.take(request, now)), None)
+            record = Record(request, rule.fault if rule else None, now)
+            self.records.append(record)
+        fault = rule.fault if rule else None
+
+        if fault == "blackhole":
+            assert rule is not None
+            # Silence, even after the rule ends, until the client gives up: not even the
+            # "100 Continue" a client may wait for before it sends its body.
+            while await reader.read(65536):
+                pass
+            record.ended = time.monotonic()
+            return
+        expect = any(k.strip().lower() == "expect" and "100" in v for k, v in headers)
+        if expect:  # as S3 does; botocore sends PutObject and UploadPart bodies only after it
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+        if fault == "reset":
+            await reader.readexactly(length // 2)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            record.ended = time.monotonic()
+            return
+        body = await reader.readexactly(length)
+        if fault == "slowdown":
+            await self._answer(writer, record, self._slowdown())
+            return
+        if fault == "hold":
+            with self._lock:
+                self._seen_held.add(key)
+            while True:
+                with self._lock:
+                    if key in self._released:
+                        break
+                await asyncio.sleep(HOLD_POLL)
+        kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("connection", "expect")]
+        upstream_head = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
+        answer = await self._forward(upstream_head + body)
+        if fault == "delay":
+            assert rule is not None
+            await asyncio.sleep(rule.delay)
+        await self._answer(writer, record, answer)
+
+    async def _forward(self, raw: bytes) -> bytes:
+        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        try:
+            up_writer.write(raw)
+            await up_writer.drain()
+            return await up_reader.read()
+        finally:
+            up_writer.close()
+            with contextlib.suppress(Exception):
+                await up_writer.wait_closed()
+
+    @staticmethod
+    def _slowdown() -> bytes:
+        head = (
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(SLOWDOWN_BODY)}\r\n\r\n"
+        )
+        return head.encode() + SLOWDOWN_BODY
+
+    async def _answer(self, writer: asyncio.StreamWriter, record: Record, answer: bytes) -> None:
+        """Relay an answer with `Connection: close`, so the client never reuses this socket."""
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
+        with contextlib.suppress(ValueError, IndexError):
+            record.status = int(lines[0].split(b" ")[1])
+        writer.write(b"\r\n".join([*lines, b"Connection: close"]) + sep + body)
+        await writer.drain()
+        record.ended = time.monotonic()

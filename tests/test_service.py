@@ -1,0 +1,433 @@
+"""The daemon as a service: a real `uploader run` subprocess, real signals, real servers.
+
+Slow uploads come from a TCP proxy in front of moto that holds every chunk a client sends for
+`delay` seconds and counts the PUTs it lets through, so "files uploaded twice" is measured at
+the store's door, not from the daemon's own accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import Env, toml_text, wait_until, write_config
+from uploader.beanstalk import NotFound
+from uploader.devservers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "uploader.service"
+
+
+class SlowProxy:
+    """TCP proxy to moto: client bytes wait `delay` seconds; forwarded PUTs are counted by key."""
+
+    def __init__(self, target: str, bucket: str) -> None:
+        host, _, port = target.removeprefix("http://").rpartition(":")
+        self.target = (host, int(port))
+        self.delay = 0.0
+        self.held = 0  # chunks waiting out the delay right now
+        self.puts: Counter[str] = Counter()
+        self.url = ""
+        self._put = re.compile(rb"PUT /" + re.escape(bucket.encode()) + rb"/([^ ?]+)[^ ]* HTTP/1\.1\r\n")
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+            self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self.url
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            back = asyncio.ensure_future(self._pipe(up_reader, writer))
+            try:
+                await self._forward(reader, up_writer)
+            finally:
+                back.cancel()
+                await asyncio.gather(back, return_exceptions=True)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+            self._tasks.discard(task)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tail = b""
+        while chunk := await reader.read(65536):
+            self.held += 1
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                self.held -= 1
+            writer.write(chunk)
+            await writer.drain()
+            buffer = tail + chunk
+            for match in self._put.finditer(buffer):
+                if match.end() > len(tail):  # not counted with the previous chunk
+                    self.puts[match.group(1).decode()] += 1
+            tail = buffer[-4096:]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class DaemonProcess:
+    """`python -m uploader.cli run --config FILE`, its JSON log lines in a file."""
+
+    def __init__(self, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.extra_env = extra_env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> DaemonProcess:
+        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a local file, opened once
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+                env={**os.environ, **self.extra_env},
+            )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+    async def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        def seen() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.returncode is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            found = self.events(name)
+            return found[-1] if found else None
+
+        return await wait_until(seen, timeout, f"log event {name!r}")
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def spawn(env: Env) -> AsyncIterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def make(config: Path, extra_env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, env.tmp_path / f"daemon{len(started)}.log", extra_env)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        await daemon.kill()
+
+
+@pytest.fixture
+async def proxy(moto_endpoint: str, bucket: str) -> AsyncIterator[SlowProxy]:
+    p = SlowProxy(moto_endpoint, bucket)
+    yield p
+    await p.close()
+
+
+async def s3_data(env: Env, proxy: SlowProxy, bucket: str, **overrides: Any) -> dict[str, Any]:
+    """Config data for the S3 store reached through the proxy."""
+    data = env.config_data("s3", bucket, **overrides)
+    data["store"]["s3"]["endpoint_url"] = await proxy.start()
+    return data
+
+
+async def s3_config(env: Env, proxy: SlowProxy, bucket: str, **overrides: Any) -> Path:
+    return write_config(env.tmp_path / "uploader.toml", await s3_data(env, proxy, bucket, **overrides))
+
+
+async def uploaded(env: Env, job_id: str) -> int:
+    return int((await env.state(job_id)).get("uploaded", 0))
+
+
+async def job_state_in_beanstalkd(env: Env, beanstalk_id: int) -> dict[str, str]:
+    return await (await env.conn()).stats_job(beanstalk_id)
+
+
+async def completions_waiting(env: Env) -> int:
+    try:
+        return int((await env.tube_stats(env.done_tube)).get("current-jobs-ready", 0))
+    except NotFound:
+        return 0
+
+
+def objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_mid_job_releases_it_and_another_instance_finishes_it(
+    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str, s3: Any
+) -> None:
+    concurrency, drain_timeout = 4, 5.0
+    proxy.delay = 0.2
+    config = await s3_config(env, proxy, bucket, upload={"concurrency": concurrency},
+                             daemon={"drain_timeout": drain_timeout})
+    files = env.write_files(48, size=3000)
+    first = await spawn(config).start()
+    await first.wait_event("ready")
+    beanstalk_id = await env.push_job("job1", [str(f) for f in files], priority=777)
+    await wait_until(lambda: uploaded(env, "job1"), what="some files uploaded")
+    await wait_until(lambda: proxy.held, what="uploads in flight")
+
+    signalled = time.monotonic()
+    first.signal(signal.SIGTERM)
+    assert await first.wait(drain_timeout + 2) == 0
+    assert time.monotonic() - signalled <= drain_timeout + 2
+
+    stats = await job_state_in_beanstalkd(env, beanstalk_id)
+    assert (stats["state"], stats["pri"]) == ("ready", "777")
+    assert (await env.state("job1"))["state"] == "queued"
+    assert await completions_waiting(env) == 0
+    [summary] = first.events("stopped")
+    assert summary["jobs_released"] == 1 and summary["jobs_finished"] == 0
+    assert 0 < summary["files_uploaded"] < len(files)
+
+    proxy.delay = 0.0
+    second = await spawn(config).start()
+    final = await env.wait_final("job1", timeout=30)
+    assert (final["state"], int(final["uploaded"])) == ("done", len(files))
+    [message] = await env.completions(1)
+    assert message["id"] == "job1" and message["state"] == "done"
+    second.signal(signal.SIGTERM)
+    assert await second.wait(10) == 0
+
+    expected = {f"job1/{f.relative_to(env.uploads)}": f.read_bytes() for f in files}
+    assert objects(s3, bucket) == expected
+    assert set(proxy.puts) == set(expected)
+    twice = sum(n - 1 for n in proxy.puts.values())
+    assert twice <= concurrency, proxy.puts
+
+
+@pytest.mark.timeout(60)
+async def test_second_sigterm_cuts_a_long_drain_short_and_still_releases(
+    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str
+) -> None:
+    config = await s3_config(env, proxy, bucket, upload={"concurrency": 3}, daemon={"drain_timeout": 60.0})
+    daemon = await spawn(config).start()
+    await daemon.wait_event("ready")
+    proxy.delay = 60.0  # no upload finishes while this test runs
+    beanstalk_id = await env.push_job("job2", [str(f) for f in env.write_files(6)])
+    await wait_until(lambda: proxy.held >= 3, what="three uploads stuck in the proxy")
+
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_event("drain_started")
+    cut = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait(10) == 0
+    assert time.monotonic() - cut < 5
+
+    assert (await job_state_in_beanstalkd(env, beanstalk_id))["state"] == "ready"
+    [summary] = daemon.events("stopped")
+    assert summary["jobs_released"] == 1 and summary["uploads_cancelled"] == 3
+    assert await completions_waiting(env) == 0
+
+
+async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float | None:
+    async with session.get(url) as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+@pytest.mark.timeout(60)
+async def test_sighup_resizes_upload_slots_without_losing_a_job_and_refuses_a_bad_file(
+    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str, s3: Any
+) -> None:
+    port = free_port()
+    data = await s3_data(env, proxy, bucket, upload={"concurrency": 2}, http={"listen": f"127.0.0.1:{port}"})
+    config = write_config(env.tmp_path / "uploader.toml", data)
+    proxy.delay = 0.1
+    files = env.write_files(30)
+    daemon = await spawn(config).start()
+    await daemon.wait_event("ready")
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with aiohttp.ClientSession() as session:
+
+        async def slots_are(n: int) -> bool:
+            return await metric(session, url, "uploader_upload_slots") == n
+
+        assert await metric(session, url, "uploader_upload_slots") == 2
+        await env.push_job("job3", [str(f) for f in files])
+        await wait_until(lambda: uploaded(env, "job3"), what="the job under way")
+
+        data["upload"]["concurrency"] = 6
+        write_config(config, data)
+        daemon.signal(signal.SIGHUP)
+        await wait_until(lambda: slots_are(6), what="6 upload slots")
+        assert not daemon.events("reload_needs_restart")
+
+        final = await env.wait_final("job3", timeout=30)
+        assert (final["state"], final["uploaded"]) == ("done", "30")
+        assert len(objects(s3, bucket)) == 30
+
+        data["upload"]["concurrency"] = 0
+        config.write_text(toml_text(data))
+        daemon.signal(signal.SIGHUP)
+        refused = await daemon.wait_event("reload_refused")
+        assert "[upload].concurrency must be >= 1" in refused["error"]
+        assert await slots_are(6)
+        assert await metric(session, url, "uploader_config_reloads_total", result="refused") == 1
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_sd_notify_sends_ready_status_watchdog_and_stopping_in_order(
+    env: Env, spawn: Callable[..., DaemonProcess]
+) -> None:
+    name = f"uploader-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)  # an abstract address: NOTIFY_SOCKET=@name
+    sock.setblocking(False)
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def receive() -> None:
+        while True:
+            seen.extend((await loop.sock_recv(sock, 4096)).decode().splitlines())
+
+    def keys() -> list[str]:
+        return [line.split("=", 1)[0] for line in seen]
+
+    reader = asyncio.ensure_future(receive())
+    try:
+        config = write_config(env.tmp_path / "uploader.toml", env.config_data())
+        daemon = await spawn(config, {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "300000"}).start()
+        await wait_until(lambda: "WATCHDOG" in keys(), what="a watchdog ping")
+
+        daemon.signal(signal.SIGHUP)
+        await wait_until(lambda: "RELOADING" in keys() and keys().count("READY") == 2, what="reload notices")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(10) == 0
+        await wait_until(lambda: "STOPPING" in keys(), what="STOPPING=1")
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        sock.close()
+
+    assert in_order(seen, ["READY=1", "STATUS=", "WATCHDOG=1", "STOPPING=1"]), seen
+    reloading = seen.index("RELOADING=1")
+    assert seen[reloading + 1].startswith("MONOTONIC_USEC=")
+    assert "READY=1" in seen[reloading:]
+    assert any(line.startswith("STATUS=") and "active jobs" in line for line in seen)
+
+
+@pytest.mark.timeout(30)
+async def test_startup_failures_are_one_line_and_exit_2(
+    env: Env, spawn: Callable[..., DaemonProcess], moto_endpoint: str
+) -> None:
+    bad = env.tmp_path / "bad.toml"
+    bad.write_text(toml_text(env.config_data(upload={"concurrency": 0})))
+    missing_bucket = write_config(env.tmp_path / "nobucket.toml", env.config_data("s3", f"absent-{env.tag}"))
+    (env.tmp_path / "a-file").write_text("")
+    data = env.config_data()
+    data["store"]["local"]["root"] = str(env.tmp_path / "a-file" / "objects")  # under a regular file
+    bad_root = write_config(env.tmp_path / "badroot.toml", data)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port_taken = write_config(env.tmp_path / "taken.toml", env.config_data(
+        http={"listen": f"127.0.0.1:{taken.getsockname()[1]}"}))
+    cases = (
+        (bad, "[upload].concurrency must be >= 1, got 0"),
+        (missing_bucket, f"bucket 'absent-{env.tag}' does not exist"),
+        (bad_root, "cannot create root"),
+        (port_taken, "[http].listen: cannot listen on 127.0.0.1:"),
+    )
+    daemons = [await spawn(config).start() for config, _ in cases]
+    for daemon, (_, expected) in zip(daemons, cases, strict=True):
+        assert await daemon.wait(20) == 2, daemon.log.read_text()
+        lines = daemon.log.read_text().splitlines()
+        assert [line for line in lines if line.startswith("uploader: ")] == [lines[-1]]
+        assert expected in lines[-1]
+        assert "Traceback" not in daemon.log.read_text()
+    taken.close()
+
+
+def in_order(lines: list[str], prefixes: list[str]) -> bool:
+    """Each prefix starts some line, each after the line the previous prefix matched."""
+    it = iter(lines)
+    return all(any(line.startswith(prefix) for line in it) for prefix in prefixes)
+
+
+def verifiable_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at a binary that exists here: `verify` checks that."""
+    binary = shutil.which("uploader") or str(Path(sys.executable).with_name("uploader"))
+    if not Path(binary).exists():
+        binary = sys.executable
+    unit = tmp_path / "uploader.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/uploader", binary))
+    return unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
+    unit = verifiable_unit(tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                              capture_output=True, text=True, timeout=30, check=False)
+    score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert score is not None, security.stdout + security.stderr
+    assert float(score.group(1)) <= 2.0, security.stdout

@@ -1,0 +1,325 @@
+"""The beanstalkd wire protocol (protocol.txt) over asyncio streams.
+
+Written by hand: the asyncio clients on PyPI are unmaintained or lean on greenstalk's private
+functions. One `Connection` is one TCP connection: beanstalkd answers one command at a time and
+ties reservations to the connection, so callers own connections rather than share a pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uploader.errors import InfrastructureError, UploaderError
+
+
+class BeanstalkError(UploaderError):
+    """beanstalkd answered with an error reply."""
+
+
+class ConnectionLost(BeanstalkError, InfrastructureError):
+    """The connection broke; any job reserved on it is back in its tube."""
+
+
+class OutOfMemory(BeanstalkError): ...
+
+
+class InternalError(BeanstalkError): ...
+
+
+class BadFormat(BeanstalkError): ...
+
+
+class UnknownCommand(BeanstalkError): ...
+
+
+class ExpectedCrlf(BeanstalkError): ...
+
+
+class JobTooBig(BeanstalkError): ...
+
+
+class Draining(BeanstalkError): ...
+
+
+class NotFound(BeanstalkError): ...
+
+
+class NotIgnored(BeanstalkError): ...
+
+
+class DeadlineSoon(BeanstalkError): ...
+
+
+class Buried(BeanstalkError):
+    """`put` or `release` could not grow the priority queue; the job was buried."""
+
+    def __init__(self, reply: str, job_id: int | None) -> None:
+        super().__init__(reply)
+        self.job_id = job_id
+
+
+class UnexpectedReply(BeanstalkError): ...
+
+
+_ERRORS: dict[str, type[BeanstalkError]] = {
+    "OUT_OF_MEMORY": OutOfMemory,
+    "INTERNAL_ERROR": InternalError,
+    "BAD_FORMAT": BadFormat,
+    "UNKNOWN_COMMAND": UnknownCommand,
+    "EXPECTED_CRLF": ExpectedCrlf,
+    "JOB_TOO_BIG": JobTooBig,
+    "DRAINING": Draining,
+    "NOT_FOUND": NotFound,
+    "NOT_IGNORED": NotIgnored,
+    "DEADLINE_SOON": DeadlineSoon,
+}
+
+DEFAULT_PRIORITY = 2**31
+MAX_TUBE_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    body: bytes
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Connection:
+    """One connection to beanstalkd. Commands are serialised; a broken stream is closed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._lock = asyncio.Lock()
+        self.address = address
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, address: str, timeout: float = 5.0) -> Connection:
+        host, port = parse_address(address)
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(f"cannot connect to beanstalkd at {address}: {exc}") from None
+        return cls(reader, writer, address)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._writer.wait_closed()
+
+    async def _call(self, command: bytes, body: bytes | None = None) -> tuple[str, bytes | None]:
+        """Send one command, return the reply line's words and any data block."""
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.address} is closed")
+        if b"\r" in command or b"\n" in command:
+            # A tube name with a line break would smuggle a second command onto the wire.
+            raise BadFormat(f"refusing a command with a line break: {command[:60]!r}")
+        async with self._lock:
+            try:
+                self._writer.write(command + b"\r\n" if body is None else command + b"\r\n" + body + b"\r\n")
+                await self._writer.drain()
+                line = await self._reader.readuntil(b"\r\n")
+                reply = line[:-2].decode("ascii")
+                data = None
+                if reply.startswith(("RESERVED ", "FOUND ", "OK ")):
+                    size = int(reply.rsplit(" ", 1)[1])
+                    data = (await self._reader.readexactly(size + 2))[:-2]
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+                await self._abandon()
+                raise ConnectionLost(f"lost connection to beanstalkd at {self.address}: {exc!r}") from None
+            except BaseException:
+                # Cancelled mid-reply: the stream is out of step with the server; drop it.
+                await self._abandon()
+                raise
+        word = reply.split(" ", 1)[0]
+        if word == "BAD_FORMAT" and body is not None:
+            # beanstalkd refused the command line without reading the body, and would now
+            # parse the body as the next command: the stream is out of step; drop it.
+            await self._abandon()
+        if word in _ERRORS:
+            raise _ERRORS[word](f"{command.split(b' ', 1)[0].decode()}: {reply}")
+        return reply, data
+
+    async def _abandon(self) -> None:
+        self.closed = True
+        self._writer.close()
+
+    def _expect(self, reply: str, *words: str) -> list[str]:
+        parts = reply.split(" ")
+        if parts[0] not in words:
+            raise UnexpectedReply(f"unexpected reply from {self.address}: {reply!r}")
+        return parts
+
+    # --- producer commands ---
+
+    async def use(self, tube: str) -> None:
+        reply, _ = await self._call(f"use {tube}".encode())
+        self._expect(reply, "USING")
+
+    async def put(self, body: bytes, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 60) -> int:
+        reply, _ = await self._call(f"put {priority} {delay} {ttr} {len(body)}".encode(), body)
+        parts = self._expect(reply, "INSERTED", "BURIED")
+        if parts[0] == "BURIED":
+            raise Buried(reply, int(parts[1]) if len(parts) > 1 else None)
+        return int(parts[1])
+
+    # --- worker commands ---
+
+    async def watch(self, tube: str) -> int:
+        reply, _ = await self._call(f"watch {tube}".encode())
+        return int(self._expect(reply, "WATCHING")[1])
+
+    async def ignore(self, tube: str) -> int:
+        reply, _ = await self._call(f"ignore {tube}".encode())
+        return int(self._expect(reply, "WATCHING")[1])
+
+    async def reserve(self, timeout: int | None = None) -> Job | None:
+        """Reserve a job; None only when the server said TIMED_OUT, never on a lost connection."""
+        command = b"reserve" if timeout is None else f"reserve-with-timeout {timeout}".encode()
+        reply, data = await self._call(command)
+        parts = self._expect(reply, "RESERVED", "TIMED_OUT")
+        if parts[0] == "TIMED_OUT":
+            return None
+        assert data is not None
+        return Job(int(parts[1]), data)
+
+    async def reserve_job(self, job_id: int) -> Job:
+        reply, data = await self._call(f"reserve-job {job_id}".encode())
+        parts = self._expect(reply, "RESERVED")
+        assert data is not None
+        return Job(int(parts[1]), data)
+
+    async def touch(self, job_id: int) -> None:
+        reply, _ = await self._call(f"touch {job_id}".encode())
+        self._expect(reply, "TOUCHED")
+
+    async def delete(self, job_id: int) -> None:
+        reply, _ = await self._call(f"delete {job_id}".encode())
+        self._expect(reply, "DELETED")
+
+    async def release(self, job_id: int, priority: int = DEFAULT_PRIORITY, delay: int = 0) -> None:
+        reply, _ = await self._call(f"release {job_id} {priority} {delay}".encode())
+        parts = self._expect(reply, "RELEASED", "BURIED")
+        if parts[0] == "BURIED":
+            raise Buried(reply, job_id)
+
+    async def bury(self, job_id: int, priority: int = DEFAULT_PRIORITY) -> None:
+        reply, _ = await self._call(f"bury {job_id} {priority}".encode())
+        self._expect(reply, "BURIED")
+
+    async def kick_job(self, job_id: int) -> None:
+        reply, _ = await self._call(f"kick-job {job_id}".encode())
+        self._expect(reply, "KICKED")
+
+    # --- inspection ---
+
+    async def peek(self, job_id: int) -> Job:
+        reply, data = await self._call(f"peek {job_id}".encode())
+        parts = self._expect(reply, "FOUND")
+        assert data is not None
+        return Job(int(parts[1]), data)
+
+    async def stats_job(self, job_id: int) -> dict[str, str]:
+        return await self._stats(f"stats-job {job_id}")
+
+    async def stats_tube(self, tube: str) -> dict[str, str]:
+        return await self._stats(f"stats-tube {tube}")
+
+    async def stats(self) -> dict[str, str]:
+        return await self._stats("stats")
+
+    async def _stats(self, command: str) -> dict[str, str]:
+        reply, data = await self._call(command.encode())
+        self._expect(reply, "OK")
+        assert data is not None
+        return _parse_yaml_dict(data)
+
+
+def _parse_yaml_dict(data: bytes) -> dict[str, str]:
+    """beanstalkd's stats are a flat YAML mapping of scalars; no YAML library needed."""
+    out: dict[str, str] = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+async def connect_with_backoff(
+    address: str,
+    *,
+    base: float = 0.1,
+    cap: float = 5.0,
+    on_retry: Callable[[ConnectionLost, float], None] | None = None,
+) -> Connection:
+    """Connect, waiting with capped exponential backoff while beanstalkd is unreachable."""
+    from uploader.retry import backoff_delays
+
+    delays = backoff_delays(base, cap)
+    while True:
+        try:
+            return await Connection.connect(address)
+        except ConnectionLost as exc:
+            delay = next(delays)
+            if on_retry is not None:
+                on_retry(exc, delay)
+            await asyncio.sleep(delay)
+
+
+class Producer:
+    """Puts into one tube, reconnecting on loss; for completion messages.
+
+    With several servers it moves on to the next one when a server is unreachable, so one
+    dead beanstalkd cannot hold up the announcements of jobs from the others.
+    """
+
+    def __init__(self, addresses: str | tuple[str, ...], tube: str) -> None:
+        self.addresses = (addresses,) if isinstance(addresses, str) else addresses
+        self.tube = tube
+        self._conn: Connection | None = None
+        self._next = 0
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> Connection:
+        from uploader.retry import backoff_delays
+
+        delays = backoff_delays(0.1, 5.0)
+        while True:
+            for _ in self.addresses:
+                address = self.addresses[self._next]
+                try:
+                    conn = await Connection.connect(address)
+                    await conn.use(self.tube)
+                    return conn
+                except ConnectionLost:
+                    self._next = (self._next + 1) % len(self.addresses)
+            await asyncio.sleep(next(delays))
+
+    async def put(self, body: bytes, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 60) -> int:
+        async with self._lock:
+            while True:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect()
+                try:
+                    return await self._conn.put(body, priority, delay, ttr)
+                except ConnectionLost:
+                    self._conn = None
+                    self._next = (self._next + 1) % len(self.addresses)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None

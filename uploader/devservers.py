@@ -1,0 +1,135 @@
+"""Start real beanstalkd and redis-server processes on free loopback ports.
+
+Used by the test suite, the benchmarks and the README's demo; never by the daemon itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until something accepts on 127.0.0.1:port; fail fast if `proc` died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server on port {port} exited with {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary) or next(
+        (p for p in (f"/usr/bin/{binary}", f"/usr/sbin/{binary}") if os.path.exists(p)), None
+    )
+    if path is None:
+        raise RuntimeError(f"{binary} is not installed (apt-get install {binary})")
+    return path
+
+
+@dataclass
+class Server:
+    """One server process; `stop()` then `start()` restarts it on the same port and data."""
+
+    argv: list[str]
+    port: int
+    workdir: str
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        log = open(os.path.join(self.workdir, "server.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def beanstalkd(port: int | None = None, binlog: bool = False, max_job_size: int = 65535) -> Server:
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="beanstalkd-")
+    argv = [require("beanstalkd"), "-l", "127.0.0.1", "-p", str(port), "-z", str(max_job_size)]
+    if binlog:
+        argv += ["-b", workdir]
+    return Server(argv, port, workdir)
+
+
+def redis(port: int | None = None, aof: bool = False) -> Server:
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="redis-")
+    argv = [
+        require("redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        workdir,
+        "--appendonly",
+        "yes" if aof else "no",
+        "--protected-mode",
+        "no",
+    ]
+    return Server(argv, port, workdir)
+
+
+async def await_completions(address: str, tube: str, count: int, timeout: float) -> list[dict[str, Any]]:
+    """Reserve and delete `count` completion messages from `tube`; TimeoutError after `timeout`."""
+    from uploader.beanstalk import Connection
+
+    conn = await Connection.connect(address)
+    messages: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        await conn.watch(tube)
+        await conn.ignore("default")
+        deadline = loop.time() + timeout
+        while len(messages) < count:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"only {len(messages)} of {count} completion messages in {timeout}s")
+            job = await conn.reserve(max(1, int(left)))
+            if job is not None:
+                messages.append(json.loads(job.body))
+                await conn.delete(job.id)
+    finally:
+        await conn.close()
+    return messages

@@ -1,0 +1,253 @@
+"""Per-job progress in Redis, written in batches: counters, resume marks and failure reasons.
+
+A file's outcome is buffered and reaches Redis in one pipeline with many others, every
+`flush_interval` or `flush_batch` outcomes, so the hot path never waits on a round trip.
+Marks and counters travel in the same pipeline, so they never disagree by more than what a
+crash loses, and what a crash loses is uploaded again (at least once, never zero times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis.asyncio as aioredis
+import structlog
+from redis.typing import EncodableT, FieldT
+
+from uploader.config import RedisConfig
+from uploader.redisio import Keys, until_done
+
+log = structlog.get_logger("uploader.progress")
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+Outcome = Literal["uploaded", "skipped", "failed"]
+MAX_REASON = 500
+
+
+@dataclass(slots=True)
+class Counts:
+    uploaded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+    def add(self, outcome: Outcome, nbytes: int) -> None:
+        if outcome == "uploaded":
+            self.uploaded += 1
+        elif outcome == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+        self.bytes += nbytes
+
+    @property
+    def settled(self) -> int:
+        return self.uploaded + self.skipped + self.failed
+
+
+@dataclass(slots=True)
+class _Pending:
+    counts: Counts = field(default_factory=Counts)
+    marks: list[int] = field(default_factory=list)
+    reasons: dict[FieldT, EncodableT] = field(default_factory=dict)
+
+
+def mark_args(indexes: list[int]) -> list[str | int]:
+    """BITFIELD arguments that set these bits: 64 or 8 at once where a batch covers a whole
+    aligned word or byte (setting all of its bits to 1 is the same as OR-ing them in), single
+    bits elsewhere. A batch of files finished in order costs ~1/64 of the arguments."""
+    ordered = sorted(set(indexes))
+    args: list[str | int] = []
+    i, n = 0, len(ordered)
+    while i < n:
+        index = ordered[i]
+        if index % 64 == 0 and i + 63 < n and ordered[i + 63] == index + 63:
+            args += ["SET", "i64", f"#{index // 64}", -1]
+            i += 64
+        elif index % 8 == 0 and i + 7 < n and ordered[i + 7] == index + 7:
+            args += ["SET", "u8", f"#{index // 8}", 255]
+            i += 8
+        else:
+            args += ["SET", "u1", index, 1]
+            i += 1
+    return args
+
+
+class Progress:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, config: RedisConfig, worker: str) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._config = config
+        self._worker = worker
+        self._pending: dict[str, _Pending] = defaultdict(_Pending)
+        self._buffered = 0
+        self._full = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._stopping = False
+
+    def record(
+        self, job_id: str, index: int, outcome: Outcome, nbytes: int = 0, label: str = "", reason: str = ""
+    ) -> None:
+        """Buffer one file's outcome; failed files are not marked, so a re-run retries them."""
+        pending = self._pending[job_id]
+        pending.counts.add(outcome, nbytes)
+        if outcome == "failed":
+            pending.reasons[label] = reason[:MAX_REASON].replace("\n", " ")
+        else:
+            pending.marks.append(index)
+        self._buffered += 1
+        if self._buffered >= self._config.flush_batch:
+            self._full.set()
+
+    async def run(self) -> None:
+        """Flush every interval, or sooner when the buffer is full, until `stop()`.
+
+        Stopping is a flag rather than a cancellation, so a pipeline is never cut in half.
+        """
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.flush_interval):
+                    await self._full.wait()
+            await self.flush()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._full.set()
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            self._full.clear()
+            batch, self._pending = self._pending, defaultdict(_Pending)
+            self._buffered = 0
+            try:
+                await until_done(lambda: self._write(batch), "flush progress")
+            except BaseException:
+                # Cancelled mid-write (shutdown): keep the batch for the final flush. Counters
+                # may then be applied twice at worst if the pipeline did reach Redis; marks are
+                # idempotent, so nothing is skipped that was not uploaded.
+                self._merge_back(batch)
+                raise
+
+    def _merge_back(self, batch: dict[str, _Pending]) -> None:
+        for job_id, old in batch.items():
+            pending = self._pending[job_id]
+            for name in ("uploaded", "skipped", "failed", "bytes"):
+                setattr(pending.counts, name, getattr(pending.counts, name) + getattr(old.counts, name))
+            pending.marks[:0] = old.marks
+            pending.reasons = {**old.reasons, **pending.reasons}
+            self._buffered += old.counts.settled
+
+    async def _write(self, batch: dict[str, _Pending]) -> None:
+        now = int(time.time())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, pending in batch.items():
+                key = self._keys.job(job_id)
+                c = pending.counts
+                for name, value in (
+                    ("uploaded", c.uploaded),
+                    ("skipped", c.skipped),
+                    ("failed", c.failed),
+                    ("bytes", c.bytes),
+                ):
+                    if value:
+                        pipe.hincrby(key, name, value)
+                pipe.hset(key, "updated_at", now)
+                if pending.marks:
+                    pipe.execute_command("BITFIELD", self._keys.marks(job_id), *mark_args(pending.marks))
+                if pending.reasons:
+                    pipe.hset(self._keys.failed(job_id), mapping=pending.reasons)
+            await pipe.execute()
+
+    async def start(self, job_id: str, total: int | None) -> None:
+        """Mark a job running. Failures of an earlier run are forgotten: they are retried now."""
+        key = self._keys.job(job_id)
+        now = int(time.time())
+        fields: dict[FieldT, EncodableT] = {
+            "state": "running",
+            "worker": self._worker,
+            "updated_at": now,
+            "failed": 0,
+        }
+        if total is not None:
+            fields["total"] = total
+
+        async def call() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping=fields)
+                pipe.hsetnx(key, "started_at", now)
+                pipe.hdel(key, "finished_at")
+                pipe.delete(self._keys.failed(job_id))
+                for k in (key, self._keys.marks(job_id)):
+                    pipe.persist(k)
+                await pipe.execute()
+
+        await until_done(call, "start job")
+
+    async def set_total(self, job_id: str, total: int) -> None:
+        await until_done(lambda: self._redis.hset(self._keys.job(job_id), "total", total), "set total")
+
+    async def set_state(self, job_id: str, state: State) -> None:
+        await self.flush()
+        key = self._keys.job(job_id)
+        await until_done(
+            lambda: self._redis.hset(key, mapping={"state": state, "updated_at": int(time.time())}),
+            "set state",
+        )
+
+    async def fail_job(self, job_id: str, label: str, reason: str) -> None:
+        """A job that cannot run at all: its reason goes where failed files' reasons go."""
+        await until_done(
+            lambda: self._redis.hset(self._keys.failed(job_id), label, reason[:MAX_REASON]),
+            "record job failure",
+        )
+
+    async def finish(self, job_id: str, state: State, seconds: float) -> dict[str, object]:
+        """Flush, settle the final state, start the expiry clock; return the completion message."""
+        await self.flush()
+        key = self._keys.job(job_id)
+        ttl = self._config.progress_ttl
+        now = int(time.time())
+
+        async def call() -> list[object]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping={"state": state, "finished_at": now, "updated_at": now})
+                pipe.hgetall(key)
+                for k in (
+                    key,
+                    self._keys.failed(job_id),
+                    self._keys.marks(job_id),
+                    self._keys.cancel(job_id),
+                ):
+                    pipe.expire(k, ttl)
+                result: list[object] = await pipe.execute()
+                return result
+
+        result = await until_done(call, "finish job")
+        stored = result[1]
+        assert isinstance(stored, dict)
+
+        def count(name: str) -> int:
+            return int(stored.get(name.encode(), 0))
+
+        return {
+            "id": job_id,
+            "state": state,
+            "total": count("total"),
+            "uploaded": count("uploaded"),
+            "skipped": count("skipped"),
+            "failed": count("failed"),
+            "bytes": count("bytes"),
+            "seconds": round(seconds, 3),
+        }
+
+    async def publish(self, message: dict[str, object]) -> None:
+        payload = json.dumps(message, separators=(",", ":"))
+        await until_done(lambda: self._redis.publish(self._keys.events, payload), "publish")

@@ -1,0 +1,235 @@
+"""Reserving jobs from beanstalkd, one connection per held job.
+
+beanstalkd ties a reservation to the connection that made it, and answers one command at a
+time, so each held job keeps the connection that reserved it: `touch` never waits behind a
+blocking `reserve`, and if this process dies the server sees the socket close and puts the
+job straight back to ready. Connections are reused for the next reservation once free.
+
+Tubes of different weights are reserved in proportion to their weights when all have ready
+jobs (like asynq's weighted queues), which beanstalkd's own `reserve` cannot do: it takes the
+most urgent job of any watched tube. So each tube also gets connections that watch it alone:
+the tubes are tried in smooth weighted round-robin order with `reserve-with-timeout 0`, and
+only when none has a ready job does a blocking reserve on all of them wait for the next one.
+With one tube, or equal weights, there is only the blocking reserve: no extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from uploader.beanstalk import (
+    DEFAULT_PRIORITY,
+    BeanstalkError,
+    Connection,
+    ConnectionLost,
+    connect_with_backoff,
+)
+from uploader.config import SourceConfig
+
+log = structlog.get_logger("uploader.source")
+
+RESERVE_TIMEOUT = 2  # seconds; also how often a quiet connection proves it is alive
+RESERVE_BACKOFF = 1.0  # seconds after an error reply, so a sick server is not hammered
+
+
+@dataclass(eq=False, slots=True)
+class HeldJob:
+    conn: Connection
+    id: int
+    body: bytes
+    tube: str
+    priority: int
+    ttr: int
+    weight: int = 1
+    _done: bool = field(default=False, repr=False)
+
+
+class TubeOrder:
+    """nginx's smooth weighted round-robin over the tubes that have ready jobs.
+
+    Weights 3 and 1 give A A B A, A A B A, ...: the share follows the weights, and no tube
+    waits long for its turn. A tube found empty is left out of the round and starts afresh
+    (credit 0) when it has jobs again, so an idle spell never turns into a burst later.
+    """
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        self.weights = weights
+        self.credit = dict.fromkeys(weights, 0)
+
+    def order(self) -> list[str]:
+        """Tubes to try, best first; ties go to the heavier tube, then the one named first."""
+        return sorted(self.weights, key=lambda t: (-(self.credit[t] + self.weights[t]), -self.weights[t]))
+
+    def served(self, tube: str, empty: set[str]) -> None:
+        """`tube` gave a job after the tubes in `empty` gave none: one round-robin step."""
+        if tube not in self.weights:
+            return
+        eligible = [t for t in self.weights if t not in empty]
+        for t in eligible:
+            self.credit[t] += self.weights[t]
+        self.credit[tube] -= sum(self.weights[t] for t in eligible)
+        for t in empty:
+            self.credit[t] = 0
+
+
+ALL = ""  # the pool of connections that watch every configured tube
+
+
+class Source:
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self._weights = {t.name: t.weight for t in config.tubes}
+        self._weighted = len(set(self._weights.values())) > 1
+        # Idle connections per (address, tube they watch alone, or ALL).
+        self._idle: dict[tuple[str, str], list[Connection]] = {}
+        self._pool: dict[Connection, tuple[str, str]] = {}
+        self._order = {a: TubeOrder(self._weights) for a in config.addresses}
+        self.connected: dict[str, bool] = dict.fromkeys(config.addresses, False)
+
+    async def _connection(self, address: str, tube: str = ALL) -> Connection:
+        idle = self._idle.setdefault((address, tube), [])
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+            self._pool.pop(conn, None)
+
+        def retrying(exc: ConnectionLost, delay: float) -> None:
+            self.connected[address] = False
+            log.warning("beanstalkd_unavailable", address=address, error=str(exc), retry_in=round(delay, 2))
+
+        while True:
+            conn = await connect_with_backoff(address, on_retry=retrying)
+            watched = list(self._weights) if tube == ALL else [tube]
+            try:
+                for name in watched:
+                    await conn.watch(name)
+                if "default" not in watched:
+                    await conn.ignore("default")
+            except ConnectionLost:
+                continue
+            except BaseException:
+                await conn.close()
+                raise
+            self.connected[address] = True
+            self._pool[conn] = (address, tube)
+            return conn
+
+    async def reserve_forever(
+        self, address: str, room: asyncio.Semaphore, on_job: Callable[[HeldJob], Awaitable[None]]
+    ) -> None:
+        """Reserve a job whenever there is room for one, hand it over, repeat until cancelled.
+
+        Cancelling this coroutine closes the connection it was reserving on, so a job the server
+        handed out in that instant goes back to ready rather than being stranded.
+        """
+        while True:
+            await room.acquire()
+            handed_over = False
+            try:
+                job = await self._reserve_one(address)
+                handed_over = True
+                await on_job(job)
+            finally:
+                if not handed_over:
+                    room.release()
+
+    async def _reserve_one(self, address: str) -> HeldJob:
+        while True:
+            job = await (self._reserve_weighted(address) if self._weighted else self._reserve(address))
+            if job is not None:
+                return job
+
+    async def _reserve_weighted(self, address: str) -> HeldJob | None:
+        """Try each tube alone, in weighted order, without waiting; then wait on all of them."""
+        order = self._order[address]
+        empty: set[str] = set()
+        for tube in order.order():
+            job = await self._reserve(address, tube, timeout=0)
+            if job is not None:
+                order.served(tube, empty)
+                return job
+            empty.add(tube)
+        job = await self._reserve(address)
+        if job is not None:
+            order.served(job.tube, empty)
+        return job
+
+    async def _reserve(self, address: str, tube: str = ALL, timeout: int = RESERVE_TIMEOUT) -> HeldJob | None:
+        """One reserve on a connection watching `tube` (or all); None if nothing came."""
+        conn = await self._connection(address, tube)
+        try:
+            job = await conn.reserve(timeout)
+            if job is None:
+                self._idle[address, tube].append(conn)
+                return None
+            stats = await conn.stats_job(job.id)
+        except ConnectionLost as exc:
+            self.connected[address] = False
+            self._pool.pop(conn, None)
+            log.warning("beanstalkd_connection_lost", address=address, error=str(exc))
+            return None
+        except BeanstalkError as exc:
+            # DEADLINE_SOON, OUT_OF_MEMORY and the like: drop the connection, start afresh.
+            log.warning("beanstalkd_error", address=address, error=str(exc))
+            await self._drop(conn)
+            await asyncio.sleep(RESERVE_BACKOFF)
+            return None
+        except BaseException:
+            await self._drop(conn)
+            raise
+        name = stats.get("tube", "")
+        return HeldJob(
+            conn=conn,
+            id=job.id,
+            body=job.body,
+            tube=name,
+            priority=int(stats.get("pri", DEFAULT_PRIORITY)),
+            ttr=max(1, int(stats.get("ttr", 60))),
+            weight=self._weights.get(name, 1),
+        )
+
+    def touch_interval(self, job: HeldJob) -> float:
+        return max(self.config.min_touch_interval, job.ttr / 2)
+
+    async def touch(self, job: HeldJob) -> None:
+        await job.conn.touch(job.id)
+
+    async def delete(self, job: HeldJob) -> None:
+        await self._finish(job, job.conn.delete(job.id))
+
+    async def bury(self, job: HeldJob) -> None:
+        await self._finish(job, job.conn.bury(job.id, job.priority))
+
+    async def release(self, job: HeldJob, delay: int = 0) -> None:
+        """Back to ready (at once by default), at its own priority, for any instance to resume."""
+        await self._finish(job, job.conn.release(job.id, job.priority, delay))
+
+    async def _finish(self, job: HeldJob, command: Awaitable[None]) -> None:
+        job._done = True
+        await command
+        pool = self._pool.get(job.conn)
+        if pool is None:  # not one of ours (or already dropped): nothing to reuse
+            await job.conn.close()
+        else:
+            self._idle.setdefault(pool, []).append(job.conn)
+
+    async def abandon(self, job: HeldJob) -> None:
+        """Close the job's connection: the server puts the job back to ready by itself."""
+        job._done = True
+        await self._drop(job.conn)
+
+    async def _drop(self, conn: Connection) -> None:
+        self._pool.pop(conn, None)
+        await conn.close()
+
+    async def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                await conn.close()
+            conns.clear()
+        self._pool.clear()

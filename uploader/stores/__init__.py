@@ -1,0 +1,22 @@
+"""Stores behind one protocol; `open_store` picks the one the config names."""
+
+from __future__ import annotations
+
+from uploader.config import StoreConfig
+from uploader.stores.base import PutRequest, PutResult, Store
+
+__all__ = ["PutRequest", "PutResult", "Store", "open_store"]
+
+
+def open_store(config: StoreConfig, concurrency: int) -> Store:
+    if config.kind == "s3":
+        from uploader.stores.s3 import S3Store
+
+        return S3Store(config.s3, concurrency)
+    if config.kind == "http":
+        from uploader.stores.http import HttpStore
+
+        return HttpStore(config.http, concurrency)
+    from uploader.stores.local import LocalStore
+
+    return LocalStore(config.local)

@@ -1,0 +1,424 @@
+"""S3 (and S3-compatible) store over one aioboto3 client with a pool sized to concurrency.
+
+Small files go up in one PutObject; files from `multipart_threshold` up go part by part,
+one part in memory at a time, and an unfinished multipart upload is always aborted.
+botocore's own retries are off: `retry.py` decides what is retried, from the errors that
+`classify_s3_error` translates here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import re
+from typing import Any
+
+import aioboto3
+import aiohttp
+import structlog
+from aiobotocore.session import AioSession
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from uploader.config import S3StoreConfig
+from uploader.errors import (
+    ConfigError,
+    FileError,
+    InfrastructureError,
+    PermanentFileError,
+    ThrottledError,
+    TransientFileError,
+)
+from uploader.files import SourceFile
+from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
+from uploader.stores.s3lean import Credentials, LeanPut, UseBotocore
+
+log = structlog.get_logger("uploader.s3")
+
+MAX_PARTS = 10_000
+
+THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+)
+TRANSIENT_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "InternalError",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        # Two conditional writes of one key at once: S3 asks to retry the loser.
+        "ConditionalRequestConflict",
+    }
+)
+PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+# A single-part object's ETag is the MD5 of its content (not under SSE-KMS or SSE-C: then it
+# just never matches and the file is uploaded again); a multipart one's ends in "-<parts>".
+_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_MESSAGE_LIMIT = 200
+
+
+def _client_error_parts(exc: ClientError) -> tuple[str, int, str]:
+    response: dict[str, Any] = getattr(exc, "response", None) or {}
+    error = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    status = meta.get("HTTPStatusCode") or 0
+    code = str(error.get("Code") or status or "Unknown")
+    message = " ".join(str(error.get("Message") or "").split())
+    if len(message) > _MESSAGE_LIMIT:
+        message = message[: _MESSAGE_LIMIT - 3] + "..."
+    try:
+        status = int(status)
+    except (TypeError, ValueError):
+        status = 0
+    return code, status, message
+
+
+def classify_s3_error(exc: BaseException) -> FileError | None:
+    """Translate an error raised by botocore/aiohttp into our hierarchy, or None if unknown.
+
+    Messages carry the S3 error code, status and message, never the request's credentials.
+    """
+    if isinstance(exc, FileError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return None
+    if isinstance(exc, ClientError):
+        code, status, message = _client_error_parts(exc)
+        head = f"s3: {code} ({status})" if status else f"s3: {code}"
+        if code in THROTTLE_CODES or status in (429, 503):
+            return ThrottledError(head)
+        if code in TRANSIENT_CODES or status >= 500 or status == 0:
+            return TransientFileError(f"{head}: {message}" if message else head)
+        return PermanentFileError(f"{head}: {message}" if message else head)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return PermanentFileError("s3: no usable credentials found")
+    if isinstance(exc, ParamValidationError):
+        return PermanentFileError(f"s3: invalid request: {_one_line(exc)}")
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        # EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError.
+        return TransientFileError(f"s3: connection error: {_one_line(exc)}")
+    if isinstance(exc, BotoCoreError):
+        # Incomplete reads, response streaming errors and the like: the request may succeed.
+        return TransientFileError(f"s3: {type(exc).__name__}: {_one_line(exc)}")
+    if isinstance(exc, aiohttp.ClientError):
+        return TransientFileError(f"s3: connection error: {type(exc).__name__}: {_one_line(exc)}")
+    if isinstance(exc, TimeoutError):
+        return TransientFileError("s3: request timed out")
+    if isinstance(exc, OSError):
+        return TransientFileError(f"s3: connection error: {exc.strerror or _one_line(exc)}")
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+
+
+def _translated(exc: BaseException) -> BaseException:
+    return classify_s3_error(exc) or exc
+
+
+def object_name(prefix: str, key: str) -> str:
+    """`prefix + key`, refusing keys that look like paths escaping the prefix."""
+    if not key:
+        raise PermanentFileError("s3: empty key")
+    if "\x00" in key:
+        raise PermanentFileError(f"s3: key contains a NUL byte: {key!r}")
+    if key.startswith("/"):
+        raise PermanentFileError(f"s3: key must not start with '/': {key!r}")
+    if ".." in key.split("/"):
+        raise PermanentFileError(f"s3: key contains a '..' segment: {key!r}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return prefix + key
+
+
+class S3Store:
+    def __init__(self, config: S3StoreConfig, concurrency: int) -> None:
+        self.config = config
+        self.concurrency = concurrency
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+        self._aborts: set[asyncio.Task[None]] = set()
+        # Single-part PUTs without botocore's per-request machinery; None: all go through aioboto3.
+        self._lean: LeanPut | None = None
+
+    def memory_needed(self, size: int) -> int:
+        if size < self.config.multipart_threshold:
+            return size
+        return self.config.part_size
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _boto_config(self) -> BotoConfig:
+        c = self.config
+        return BotoConfig(
+            max_pool_connections=max(10, self.concurrency),
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=c.timeout,
+            read_timeout=c.timeout,
+            s3={"addressing_style": c.addressing_style},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        c = self.config
+        core = AioSession()
+        session = aioboto3.Session(botocore_session=core)
+        kwargs: dict[str, Any] = {"region_name": c.region or None, "config": self._boto_config()}
+        if c.endpoint_url:
+            kwargs["endpoint_url"] = c.endpoint_url
+        if c.access_key_id:
+            kwargs["aws_access_key_id"] = c.access_key_id
+            kwargs["aws_secret_access_key"] = c.secret_access_key
+            if c.session_token:
+                kwargs["aws_session_token"] = c.session_token
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(session.client("s3", **kwargs))
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        try:
+            await self._client.head_bucket(Bucket=c.bucket)
+        except ClientError as exc:
+            code, status, _ = _client_error_parts(exc)
+            if 400 <= status < 500 and status not in (408, 429):
+                await self.close()
+                raise ConfigError(self._refusal(code, status)) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            await self.close()
+            raise ConfigError(
+                f"s3: no usable credentials for bucket {c.bucket!r} "
+                "(set [store.s3].access_key_id or the standard AWS variables)"
+            ) from None
+        except Exception as exc:  # unreachable now: the daemon retries later
+            if classify_s3_error(exc) is None:
+                await self.close()
+                raise
+        self._lean = await self._lean_path(core)
+
+    async def _lean_path(self, core: AioSession) -> LeanPut | None:
+        """The lean PUT, addressed where botocore would send a PutObject; None when the bucket is
+        one botocore must handle itself (an ARN, S3 Express)."""
+        c = self.config
+        if ":" in c.bucket or c.bucket.endswith("--x-s3"):
+            return None
+        probe = "lean-probe"
+        url = await self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": c.bucket, "Key": probe}, ExpiresIn=60
+        )
+        base = url.split("?", 1)[0]  # the query is a presigned signature, of no use here
+        if not base.endswith("/" + probe):
+            return None
+        if c.access_key_id:
+            static = Credentials(c.access_key_id, c.secret_access_key, c.session_token or None)
+
+            async def credentials() -> Credentials | None:
+                return static
+
+        else:
+
+            async def credentials() -> Credentials | None:
+                found = await core.get_credentials()  # refreshable ones refresh themselves
+                if found is None:
+                    return None
+                frozen = await found.get_frozen_credentials()
+                return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        lean = LeanPut(
+            base[: -len(probe)],
+            self._client.meta.region_name or "us-east-1",
+            credentials,
+            max(10, self.concurrency),
+            c.timeout,
+        )
+        await lean.start()
+        return lean
+
+    def _refusal(self, code: str, status: int) -> str:
+        bucket = self.config.bucket
+        if status == 404 or code == "NoSuchBucket":
+            return f"s3: bucket {bucket!r} does not exist ({code}, {status})"
+        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"s3: access to bucket {bucket!r} refused, check the credentials ({code}, {status})"
+        return f"s3: bucket {bucket!r} refused the request ({code}, {status})"
+
+    async def close(self) -> None:
+        if self._aborts:
+            await asyncio.gather(*self._aborts, return_exceptions=True)
+        lean, self._lean = self._lean, None
+        if lean is not None:
+            await lean.close()
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def check(self) -> None:
+        client = self._require()
+        try:
+            await client.head_bucket(Bucket=self.config.bucket)
+        except Exception as exc:
+            error = classify_s3_error(exc)
+            if error is None:
+                raise
+            raise InfrastructureError(
+                f"s3: bucket {self.config.bucket!r} not usable: {error.reason}"
+            ) from None
+
+    def _require(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("S3Store used before start() or after close()")
+        return self._client
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def conditional(self, size: int) -> bool:
+        return self.config.conditional_put and size < self.config.multipart_threshold
+
+    async def stat(self, key: str, checksum: bool = False) -> StoredObject | None:
+        """One HEAD: the size, the ETag's MD5 when single-part, our SHA-256 metadata if any."""
+        client = self._require()
+        name = object_name(self.config.prefix, key)
+        try:
+            response = await client.head_object(Bucket=self.config.bucket, Key=name)
+        except ClientError as exc:
+            code, status, _ = _client_error_parts(exc)
+            if status == 404 or code in NOT_FOUND_CODES:
+                return None
+            raise _translated(exc) from None
+        except Exception as exc:
+            error = classify_s3_error(exc)
+            if error is None or error is exc:
+                raise
+            raise error from None
+        etag = _MD5_ETAG.match(str(response.get("ETag") or ""))
+        sha256 = (response.get("Metadata") or {}).get(SHA256_META)
+        return StoredObject(
+            size=int(response["ContentLength"]),
+            md5=etag.group(1).lower() if etag else None,
+            sha256=sha256.lower() if isinstance(sha256, str) else None,
+        )
+
+    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
+        client = self._require()
+        name = object_name(self.config.prefix, request.key)
+        try:
+            if source.size < self.config.multipart_threshold:
+                # An overall deadline as well as the socket timeouts: a server that accepts the
+                # connection and then never answers must not hold an upload slot for ever.
+                async with asyncio.timeout(2 * self.config.timeout):
+                    return await self._put_single(client, name, source, request)
+            return await self._put_multipart(client, name, source, request)
+        except Exception as exc:
+            error = classify_s3_error(exc)
+            if error is None or error is exc:
+                raise
+            raise error from None
+
+    async def _put_single(self, client: Any, name: str, source: SourceFile, request: PutRequest) -> PutResult:
+        body = await source.read_all() if source.size else b""
+        source.check_unchanged()
+        metadata = dict(request.metadata)
+        if request.checksum:
+            metadata[SHA256_META] = hashlib.sha256(body).hexdigest()
+        put_args = {
+            "Bucket": self.config.bucket,
+            "Key": name,
+            "Body": body,
+            "ContentType": request.content_type,
+            "Metadata": metadata,
+            "ContentLength": len(body),
+        }
+        if request.if_absent and self.config.conditional_put:
+            # botocore's PutObject: the lean path sends no conditional headers.
+            try:
+                await client.put_object(**put_args, IfNoneMatch="*")
+            except ClientError as exc:
+                code, status, _ = _client_error_parts(exc)
+                if status == 412 or code in PRECONDITION_CODES:
+                    return PutResult(0, already_present=True)
+                raise
+            return PutResult(bytes_sent=len(body))
+        if self._lean is not None:
+            try:
+                await self._lean.put(name, body, request.content_type, metadata)
+                return PutResult(bytes_sent=len(body))
+            except UseBotocore as exc:
+                # A region redirect and the like: botocore follows those; it serves from now on.
+                log.warning("s3_lean_path_off", reason=str(exc))
+                lean, self._lean = self._lean, None
+                await lean.close()
+        await client.put_object(**put_args)
+        return PutResult(bytes_sent=len(body))
+
+    async def _put_multipart(
+        self, client: Any, name: str, source: SourceFile, request: PutRequest
+    ) -> PutResult:
+        bucket = self.config.bucket
+        size = source.size
+        part_size = max(self.config.part_size, math.ceil(size / MAX_PARTS))
+        metadata = dict(request.metadata)
+        if request.checksum:
+            # Metadata goes with the create, before any part: one extra read of the file.
+            metadata[SHA256_META] = await file_digest(source, "sha256")
+        created = await client.create_multipart_upload(
+            Bucket=bucket,
+            Key=name,
+            ContentType=request.content_type,
+            Metadata=metadata,
+        )
+        upload_id: str = created["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                length = min(part_size, size - offset)
+                body = await source.read(offset, length)
+                response = await client.upload_part(
+                    Bucket=bucket,
+                    Key=name,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentLength=length,
+                )
+                del body
+                parts.append({"ETag": response["ETag"], "PartNumber": number})
+            source.check_unchanged()
+            await client.complete_multipart_upload(
+                Bucket=bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            await self._abort(client, name, upload_id)
+            raise
+        return PutResult(bytes_sent=size)
+
+    async def _abort(self, client: Any, name: str, upload_id: str) -> None:
+        """Abort an unfinished upload; shielded from cancellation, its failure never raised."""
+
+        async def abort() -> None:
+            with contextlib.suppress(Exception):
+                await client.abort_multipart_upload(Bucket=self.config.bucket, Key=name, UploadId=upload_id)
+
+        task = asyncio.ensure_future(abort())
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+        # A second cancellation ends this wait (and wins over the original error, as it
+        # must); the abort goes on and close() awaits it.
+        await asyncio.shield(task)
