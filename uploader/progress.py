@@ -1,16 +1,22 @@
 """Per-job progress in Redis, written in batches: counters, resume marks and failure reasons.
 
-A file's outcome is buffered and reaches Redis in one pipeline with many others, every
+A file's outcome is buffered and reaches Redis in one transaction with many others, every
 `flush_interval` or `flush_batch` outcomes, so the hot path never waits on a round trip.
-Marks and counters travel in the same pipeline, so they never disagree by more than what a
-crash loses, and what a crash loses is uploaded again (at least once, never zero times).
+Marks and counters travel in the same MULTI/EXEC, so they never disagree, and what a crash
+loses is uploaded again (at least once, never zero times).
+
+A batch whose reply is lost (Redis stopped after applying it) is sent again. Marks and
+reasons are idempotent; counters are not, so each batch carries a sequence number and a
+small script adds its counts only if this process has not applied that number to the job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +34,20 @@ log = structlog.get_logger("uploader.progress")
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
+
+# KEYS: the job's hash, its applied-batch hash. ARGV: writer, sequence, now, then the counts.
+_ADD_COUNTS = """
+local seq = tonumber(ARGV[2])
+if tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') >= seq then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], seq)
+local names = {'uploaded', 'skipped', 'failed', 'bytes'}
+for i = 1, 4 do
+  local n = tonumber(ARGV[3 + i])
+  if n ~= 0 then redis.call('HINCRBY', KEYS[1], names[i], n) end
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+return 1
+"""
 
 
 @dataclass(slots=True)
@@ -85,6 +105,11 @@ class Progress:
         self._keys = keys
         self._config = config
         self._worker = worker
+        # Names this process's batch numbers; a restarted process (same pid or not) starts anew.
+        self._writer = f"{worker}:{secrets.token_hex(4)}"
+        self._add_counts = redis.register_script(_ADD_COUNTS)
+        self._sequence = 0
+        self._unsent: list[tuple[int, dict[str, _Pending]]] = []
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
         self._buffered = 0
         self._full = asyncio.Event()
@@ -121,45 +146,29 @@ class Progress:
         self._full.set()
 
     async def flush(self) -> None:
+        """Write what is buffered. A batch keeps its number until Redis has acknowledged it,
+        also when this is cancelled mid-write, so sending it again can never count it twice."""
         async with self._flush_lock:
-            if not self._pending:
-                return
-            self._full.clear()
-            batch, self._pending = self._pending, defaultdict(_Pending)
-            self._buffered = 0
-            try:
-                await until_done(lambda: self._write(batch), "flush progress")
-            except BaseException:
-                # Cancelled mid-write (shutdown): keep the batch for the final flush. Counters
-                # may then be applied twice at worst if the pipeline did reach Redis; marks are
-                # idempotent, so nothing is skipped that was not uploaded.
-                self._merge_back(batch)
-                raise
+            if self._pending:
+                self._full.clear()
+                self._sequence += 1
+                self._unsent.append((self._sequence, self._pending))
+                self._pending = defaultdict(_Pending)
+                self._buffered = 0
+            while self._unsent:
+                await until_done(functools.partial(self._write, *self._unsent[0]), "flush progress")
+                self._unsent.pop(0)
 
-    def _merge_back(self, batch: dict[str, _Pending]) -> None:
-        for job_id, old in batch.items():
-            pending = self._pending[job_id]
-            for name in ("uploaded", "skipped", "failed", "bytes"):
-                setattr(pending.counts, name, getattr(pending.counts, name) + getattr(old.counts, name))
-            pending.marks[:0] = old.marks
-            pending.reasons = {**old.reasons, **pending.reasons}
-            self._buffered += old.counts.settled
-
-    async def _write(self, batch: dict[str, _Pending]) -> None:
+    async def _write(self, sequence: int, batch: dict[str, _Pending]) -> None:
         now = int(time.time())
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             for job_id, pending in batch.items():
-                key = self._keys.job(job_id)
                 c = pending.counts
-                for name, value in (
-                    ("uploaded", c.uploaded),
-                    ("skipped", c.skipped),
-                    ("failed", c.failed),
-                    ("bytes", c.bytes),
-                ):
-                    if value:
-                        pipe.hincrby(key, name, value)
-                pipe.hset(key, "updated_at", now)
+                await self._add_counts(
+                    keys=[self._keys.job(job_id), self._keys.applied(job_id)],
+                    args=[self._writer, sequence, now, c.uploaded, c.skipped, c.failed, c.bytes],
+                    client=pipe,
+                )
                 if pending.marks:
                     pipe.execute_command("BITFIELD", self._keys.marks(job_id), *mark_args(pending.marks))
                 if pending.reasons:
@@ -185,7 +194,7 @@ class Progress:
                 pipe.hsetnx(key, "started_at", now)
                 pipe.hdel(key, "finished_at")
                 pipe.delete(self._keys.failed(job_id))
-                for k in (key, self._keys.marks(job_id)):
+                for k in (key, self._keys.marks(job_id), self._keys.applied(job_id)):
                     pipe.persist(k)
                 await pipe.execute()
 
@@ -224,6 +233,7 @@ class Progress:
                     key,
                     self._keys.failed(job_id),
                     self._keys.marks(job_id),
+                    self._keys.applied(job_id),
                     self._keys.cancel(job_id),
                 ):
                     pipe.expire(k, ttl)

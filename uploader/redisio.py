@@ -1,8 +1,4 @@
-"""Redis key names of the producer contract, and waiting out Redis outages.
-
-Every command touches one key (pipelines of them are fine), so the same code can run on
-Redis Cluster without new key names.
-"""
+"""Redis key names of the producer contract, and waiting out Redis outages."""
 
 from __future__ import annotations
 
@@ -45,6 +41,10 @@ class Keys:
 
     def marks(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:done"
+
+    def applied(self, job_id: str) -> str:
+        """Which progress batches each writer has applied: makes a resent batch a no-op."""
+        return f"{self.prefix}job:{job_id}:applied"
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:cancel"
