@@ -325,6 +325,52 @@ async def test_redis_down_for_10s_fails_no_file(
         server.stop()
 
 
+@pytest.mark.timeout(90)
+async def test_sigterm_while_redis_is_down_releases_the_job_and_exits_0(
+    env: Env, tmp_path: Path, moto_endpoint: str, s3: Any, bucket: str, proxy: FaultProxy, daemons: Daemons
+) -> None:
+    """The drain cannot save progress without Redis; it waits `release_timeout`, then gives the
+    job back as it is, and the next instance uploads again what was not recorded."""
+    drain_timeout, release_timeout = 1.0, 2.0
+    server = protected_redis().start()
+    try:
+        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=env) as penv:
+            proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.1))
+            paths = penv.write_files(60, size=1024)
+            job_id = f"redis-drain-{penv.tag}"
+            await penv.push_job(job_id, [str(p) for p in paths], ttr=30)
+            config = chaos_config(
+                penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 10},
+                daemon={"drain_timeout": drain_timeout, "release_timeout": release_timeout},
+            )
+            first = daemons.start(config)
+            await wait_until(lambda: _at_least(penv, job_id, 10), 30, "10 files uploaded")
+            server.stop()
+            await first.wait_event("redis_unavailable", 10)
+
+            signalled = time.monotonic()
+            assert first.stop(timeout=drain_timeout + 2 * release_timeout + 10) == 0
+            took = time.monotonic() - signalled
+            assert took <= drain_timeout + 2 * release_timeout + 3, f"the drain took {took:.1f} s"
+            assert first.events("release_forced"), "the drain never gave up on Redis"
+            released = first.events("job_released")
+            assert [e["progress_saved"] for e in released] == [False]
+
+            async def ready_again() -> bool:
+                return (await penv.tube_stats())["current-jobs-ready"] == "1"
+
+            await wait_until(ready_again, 5, "the job to be back in its tube")
+            server.start()
+            second = daemons.start(config)
+            state = await _wait_final_through_outage(penv, job_id)
+            assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
+            assert_all_landed(s3, bucket, penv, {job_id: paths})
+            assert second.stop() == 0
+            print(f"SIGTERM with Redis down: exit 0 after {took:.2f} s, job released, 0 lost")
+    finally:
+        server.stop()
+
+
 async def _wait_final_through_outage(env: Env, job_id: str) -> dict[str, str]:
     async def final() -> dict[str, str] | None:
         try:

@@ -138,6 +138,7 @@ class HttpConfig:
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     drain_timeout: float = 30.0
+    release_timeout: float = 10.0
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
 
@@ -422,6 +423,7 @@ def _daemon(table: _Table) -> DaemonConfig:
     d = DaemonConfig()
     return DaemonConfig(
         drain_timeout=table.number("drain_timeout", float, d.drain_timeout, 0, 86400),
+        release_timeout=table.number("release_timeout", float, d.release_timeout, 0, 86400),
         log_level=cast(LogLevel, table.choice("log_level", get_args(LogLevel), d.log_level)),
         log_format=cast(LogFormat, table.choice("log_format", get_args(LogFormat), d.log_format)),
     )

@@ -141,6 +141,11 @@ class Progress:
                     await self._full.wait()
             await self.flush()
 
+    @property
+    def unsaved(self) -> int:
+        """Outcomes not yet acknowledged by Redis."""
+        return self._buffered + sum(p.counts.settled for _, batch in self._unsent for p in batch.values())
+
     def stop(self) -> None:
         self._stopping = True
         self._full.set()

@@ -14,7 +14,7 @@ import json
 import mimetypes
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -197,11 +197,26 @@ class Scheduler:
             for task in list(self._uploads):
                 task.cancel()
 
-            # Phase 4: every job settles: finished, or released for another instance.
-            await self._no_jobs.wait()
+            # Phase 4: every job settles: finished, or released for another instance. Settling
+            # writes progress to Redis first; if Redis is down that waits, but only until
+            # `release_timeout`: then the jobs go back as they are, and their unrecorded files
+            # are uploaded again on resume (at least once, never lost).
+            deadline = time.monotonic() + self.config.daemon.release_timeout
+
+            def left() -> float:
+                return max(0.0, deadline - time.monotonic())
+
+            if not await _first(self._no_jobs.wait(), timeout=left()):
+                log.warning("release_forced", jobs=len(self._jobs),
+                            reason="Redis unreachable: jobs released without saving their progress")
+                for task in list(self._jobs):
+                    task.cancel()  # each job releases itself as it goes
+                await self._no_jobs.wait()
             self.progress.stop()
-            await flusher
-        await self.progress.flush()
+            await _first(flusher, timeout=left())
+        if not await _first(self.progress.flush(), timeout=left()):
+            log.warning("progress_unsaved", files=self.progress.unsaved,
+                        reason="Redis unreachable: these files are uploaded again when their jobs resume")
         self.summary.uploads_cancelled = cut  # the daemon logs the one summary line
         return self.summary
 
@@ -249,6 +264,14 @@ class Scheduler:
         try:
             with structlog.contextvars.bound_contextvars(job_id=run.id):
                 await self._work(run)
+        except asyncio.CancelledError:
+            # A drain that Redis held up past `release_timeout`: the job goes back as it is.
+            if not held.settled:
+                await self._settle_with_beanstalk(held, self.source.release)
+                self.summary.jobs_released += 1
+                self.metrics.jobs_released.inc()
+                log.warning("job_released", job_id=run.id, progress_saved=False, **_fields(run.counts))
+            raise
         finally:
             del self.runs[run.id]
             self.metrics.active_jobs.dec()
@@ -619,11 +642,13 @@ class CompletionSink:
         await self._progress.publish(message)
 
 
-async def _first(*aws: Coroutine[object, object, object], timeout: float) -> None:
-    """Wait until the first of several coroutines finishes, or `timeout`; cancel the rest."""
+async def _first(*aws: Awaitable[object], timeout: float) -> bool:
+    """Wait until the first of several awaitables finishes, or `timeout` (then False); cancel
+    the rest."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
     finally:
         for task in tasks:
             task.cancel()

@@ -47,6 +47,11 @@ class HeldJob:
     weight: int = 1
     _done: bool = field(default=False, repr=False)
 
+    @property
+    def settled(self) -> bool:
+        """Deleted, buried, released or abandoned: no longer ours to settle."""
+        return self._done
+
 
 class TubeOrder:
     """nginx's smooth weighted round-robin over the tubes that have ready jobs.
