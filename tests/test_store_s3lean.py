@@ -25,7 +25,7 @@ from uploader.config import S3StoreConfig
 from uploader.devservers import free_port, wait_for_port
 from uploader.errors import PermanentFileError, ThrottledError
 from uploader.files import Root, open_source
-from uploader.stores.base import PutRequest
+from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store, classify_s3_error
 from uploader.stores.s3lean import Credentials, LeanPut, Signer, UseBotocore, check_reply, host_of, object_url
 
@@ -148,6 +148,33 @@ async def test_a_small_put_goes_the_lean_way_and_lands_whole_in_moto(
         got = await _put_and_read(store, tmp_path, s3, bucket, key)
         assert got["ContentType"] == "image/png"
         assert got["Metadata"] == {"owner": "42"}
+    finally:
+        await store.close()
+
+
+async def test_a_conditional_put_goes_the_lean_way_and_never_overwrites(
+    moto_endpoint: str, bucket: str, s3: Any, tmp_path: Path
+) -> None:
+    config = S3StoreConfig(
+        bucket=bucket, region=REGION, endpoint_url=moto_endpoint, access_key_id="test",
+        secret_access_key="test", addressing_style="path", conditional_put=True,
+    )
+    store = S3Store(config, concurrency=4)
+    await store.start()
+    try:
+        assert store._lean is not None
+        request = PutRequest("cond/k", "text/plain", if_absent=True)
+        for name, body, expected in ((b"a", b"first", PutResult(5)),
+                                     (b"b", b"second!", PutResult(0, already_present=True))):
+            path = tmp_path / name.decode()
+            path.write_bytes(body)
+            with open_source(str(path), Root.of(str(tmp_path))) as source:
+                assert await store.put(source, request) == expected
+        assert store._lean is not None, "the lean path gave up on a conditional put"
+        assert s3.get_object(Bucket=bucket, Key="cond/k")["Body"].read() == b"first"
+        with pytest.raises(ClientError) as refused:
+            await store._lean.put("cond/k", b"third", "text/plain", {}, if_absent=True)
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
     finally:
         await store.close()
 

@@ -346,26 +346,23 @@ class S3Store:
             "Metadata": metadata,
             "ContentLength": len(body),
         }
-        if request.if_absent and self.config.conditional_put:
-            # botocore's PutObject: the lean path sends no conditional headers.
-            try:
-                await client.put_object(**put_args, IfNoneMatch="*")
-            except ClientError as exc:
-                code, status, _ = _client_error_parts(exc)
-                if status == 412 or code in PRECONDITION_CODES:
-                    return PutResult(0, already_present=True)
-                raise
-            return PutResult(bytes_sent=len(body))
-        if self._lean is not None:
-            try:
-                await self._lean.put(name, body, request.content_type, metadata)
-                return PutResult(bytes_sent=len(body))
-            except UseBotocore as exc:
-                # A region redirect and the like: botocore follows those; it serves from now on.
-                log.warning("s3_lean_path_off", reason=str(exc))
-                lean, self._lean = self._lean, None
-                await lean.close()
-        await client.put_object(**put_args)
+        if_absent = request.if_absent and self.config.conditional_put
+        try:
+            if self._lean is not None:
+                try:
+                    await self._lean.put(name, body, request.content_type, metadata, if_absent=if_absent)
+                    return PutResult(bytes_sent=len(body))
+                except UseBotocore as exc:
+                    # A region redirect and the like: botocore follows those; it serves from now on.
+                    log.warning("s3_lean_path_off", reason=str(exc))
+                    lean, self._lean = self._lean, None
+                    await lean.close()
+            await client.put_object(**put_args, **({"IfNoneMatch": "*"} if if_absent else {}))
+        except ClientError as exc:
+            code, status, _ = _client_error_parts(exc)
+            if if_absent and (status == 412 or code in PRECONDITION_CODES):
+                return PutResult(0, already_present=True)
+            raise
         return PutResult(bytes_sent=len(body))
 
     async def _put_multipart(

@@ -196,9 +196,11 @@ class LeanPut:
         content_type: str,
         metadata: Mapping[str, str],
         now: datetime.datetime | None = None,
+        if_absent: bool = False,
     ) -> None:
-        """Store `body` under `name`; raise ClientError for an S3 error reply, UseBotocore for
-        one only botocore handles, aiohttp errors for the connection's."""
+        """Store `body` under `name` (only if no object is there, with `if_absent`); raise
+        ClientError for an S3 error reply (412 when one was there), UseBotocore for one only
+        botocore handles, aiohttp errors for the connection's."""
         session = self._session
         if session is None:
             raise RuntimeError("LeanPut used before start() or after close()")
@@ -207,6 +209,8 @@ class LeanPut:
             raise UseBotocore("no credentials")
         url = object_url(self.base_url, name)
         headers = {"Content-Type": content_type}
+        if if_absent:
+            headers["If-None-Match"] = "*"
         for key, value in metadata.items():
             headers[f"x-amz-meta-{key}"] = value
         headers = self.signer.sign(
