@@ -198,6 +198,25 @@ async def test_a_presigned_entry_url_is_used_verbatim_without_the_secret_headers
     assert other.headers["signed/a.txt"]["x-meta-k"] == "v"
 
 
+async def test_an_entry_url_outside_url_hosts_fails_before_a_byte_is_sent(
+    blobs: Blobs, serve: Serve, open_file: Callable[[str, bytes], SourceFile]
+) -> None:
+    other = await serve()
+    store = HttpStore(http_config(blobs, url_hosts=("*.example.com", "127.0.0.1")), 2)
+    await store.start()
+    try:
+        with open_file("a.txt", b"hello") as src:
+            await store.put(src, PutRequest("a.txt", "text/plain", url=f"{other.url}/bucket/ok.txt"))
+            elsewhere = other.url.replace("127.0.0.1", "localhost")
+            refused = r"host 'localhost' is not in \[store.http\].url_hosts"
+            with pytest.raises(PermanentFileError, match=refused):
+                await store.put(src, PutRequest("a.txt", "text/plain", url=f"{elsewhere}/bucket/no.txt"))
+    finally:
+        await store.close()
+    assert list(other.objects) == ["ok.txt"]
+    assert other.raw_paths == ["/bucket/ok.txt"]
+
+
 @pytest.mark.parametrize(
     ("status", "error"),
     [
@@ -276,6 +295,8 @@ def test_config_validates_the_http_table_and_hides_header_values() -> None:
     assert SECRET not in repr(config)
     assert SECRET not in json.dumps(config_mod.redacted(config))
     assert config_mod.redacted(config)["store"]["http"]["headers"] == {"X-Api-Key": "***"}
+    hosts = config_mod.parse({"store": {"http": {"url_hosts": ["*.S3.amazonaws.com", "::1"]}}}, "u.toml")
+    assert hosts.store.http.url_hosts == ("*.s3.amazonaws.com", "::1")
     bad = [
         ({"kind": "http"}, "[store.http].url_template must be set"),
         ({"http": {"url_template": "http://h/b/"}}, "must contain {key}"),
@@ -285,6 +306,8 @@ def test_config_validates_the_http_table_and_hides_header_values() -> None:
         ({"http": {"headers": {"X-Key": "a\nb" + SECRET}}}, "value not shown"),
         ({"http": {"timeout": 0}}, "[store.http].timeout must be >= 0.1"),
         ({"http": {"url_tempate": "x"}}, "url_tempate is not a known key"),
+        ({"http": {"url_hosts": ["https://h.example"]}}, "[store.http].url_hosts holds 'https://h.example'"),
+        ({"http": {"url_hosts": "h.example"}}, "[store.http].url_hosts must be a list of strings"),
     ]
     for store, message in bad:
         with pytest.raises(ConfigError) as caught:

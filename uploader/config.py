@@ -119,6 +119,9 @@ class HttpStoreConfig:
     # Files from this size up are streamed in chunks of `chunk_size` instead of read whole.
     stream_threshold: int = 8 * MiB
     chunk_size: int = 1 * MiB
+    # Hosts a manifest entry's own "url" may name ("*.example.com" covers its subdomains);
+    # empty: any host. Anything else fails the file before a byte is read.
+    url_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +509,8 @@ def redacted(config: Config) -> dict[str, Any]:
 # --- [store.http] and [limits] -------------------------------------------------------------
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
+# A host name or IP address, or "*." and a domain; no scheme, port or path.
+HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9:]([a-z0-9.:-]*[a-z0-9])?$")
 # Headers the HTTP store computes itself for each request; configuring them is a mistake.
 RESERVED_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding", "host", "connection"})
 
@@ -549,6 +554,10 @@ def _http_store(table: _Table, kind: str) -> HttpStoreConfig:
     health = table.get("health_url", str, d.health_url)
     if health:
         _http_url(table, "health_url", health)
+    url_hosts = tuple(h.lower() for h in table.strings("url_hosts", d.url_hosts))
+    for host in url_hosts:
+        if not HOST_PATTERN.match(host):
+            raise table.fail("url_hosts", f"holds {_show(host)}, not a host name or '*.domain'")
     config = HttpStoreConfig(
         url_template=template,
         headers=tuple(headers),
@@ -558,6 +567,7 @@ def _http_store(table: _Table, kind: str) -> HttpStoreConfig:
         health_url=health,
         stream_threshold=table.number("stream_threshold", int, d.stream_threshold, 64 * 1024, 1 << 40),
         chunk_size=table.number("chunk_size", int, d.chunk_size, 16 * 1024, 256 * MiB),
+        url_hosts=url_hosts,
     )
     table.close()
     return config

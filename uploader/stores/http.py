@@ -146,6 +146,16 @@ class HttpStore:
             raise PermanentFileError("http: no url_template configured and the entry has no url")
         return self.config.url_template.format(key=quote(key, safe="/"))
 
+    def _check_entry_url(self, url: str) -> None:
+        """A manifest entry's URL may only name a host of `url_hosts` (when that is set): the
+        entry cannot send a file's bytes to wherever it likes."""
+        allowed = self.config.url_hosts
+        host = (urlsplit(url).hostname or "").lower()
+        if allowed and not any(
+            host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed
+        ):
+            raise PermanentFileError(f"http: the entry's url host {host!r} is not in [store.http].url_hosts")
+
     def _static(self, url: str) -> dict[str, str]:
         """The configured headers, only for the template's own origin."""
         if self._origin is None or _origin(url) != self._origin:
@@ -197,6 +207,8 @@ class HttpStore:
 
     async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
         session = self._require()
+        if request.url:
+            self._check_entry_url(request.url)
         url = request.url or self._url_for(request.key)
         size = source.size
         failure: list[BaseException] = []
