@@ -55,6 +55,30 @@ async def test_a_burst_of_throttles_within_the_cooldown_cuts_once() -> None:
     assert metrics.registry.get_sample_value("uploader_upload_slot_cuts_total") == 2
 
 
+async def test_a_reload_retunes_the_controller_and_lifts_slots_it_may_no_longer_hold_down() -> None:
+    clock = Clock()
+    aimd, slots, metrics = controller(clock, min_concurrency=2)
+    for _ in range(3):
+        aimd.throttled()
+        clock.now += 1.0
+    assert slots.limit == 4
+
+    base = replace(UploadConfig(), concurrency=32, throttle_cooldown=1.0)
+    aimd.retune(replace(base, min_concurrency=8, decrease_factor=0.75, throttle_cooldown=5.0))
+    assert (slots.limit, aimd.floor, aimd.factor, aimd.cooldown) == (8, 8, 0.75, 5.0)
+    clock.now += 5.0
+    aimd.throttled()
+    assert slots.limit == 8, "cut below the new floor"
+
+    aimd.retune(replace(base, concurrency=24, adaptive=False))
+    assert (slots.limit, gauge(metrics)) == (24, 24)
+    aimd.throttled()
+    assert slots.limit == 24, "adaptation is off"
+
+    aimd.retune(replace(base, concurrency=24))  # on again, nothing cut: the ceiling rules
+    assert slots.limit == 24
+
+
 async def test_other_transient_errors_do_not_cut() -> None:
     clock = Clock()
     aimd, slots, _ = controller(clock)

@@ -310,6 +310,7 @@ async def test_sighup_resizes_upload_slots_without_losing_a_job_and_refuses_a_ba
         await wait_until(lambda: uploaded(env, "job3"), what="the job under way")
 
         data["upload"]["concurrency"] = 6
+        data["upload"]["decrease_factor"] = 0.75  # AIMD tuning is live too
         write_config(config, data)
         daemon.signal(signal.SIGHUP)
         await wait_until(lambda: slots_are(6), what="6 upload slots")

@@ -45,16 +45,23 @@ class Aimd:
         clock: Clock = time.monotonic,
     ) -> None:
         self.slots = slots
-        self.enabled = config.adaptive
-        self.factor = config.decrease_factor
-        self.cooldown = config.throttle_cooldown
-        self._min = config.min_concurrency
         self._metrics = metrics
         self._clock = clock
         self.ceiling = config.concurrency
         self._cut_at = -math.inf  # time of the last decrease
         self._successes = 0
+        self.retune(config)
+
+    def retune(self, config: UploadConfig) -> None:
+        """Start and SIGHUP: the tuning keys apply at once; slots cut below a new floor, or
+        cut at all when adaptation is turned off, come back to where they may be."""
+        self.enabled = config.adaptive
+        self.factor = config.decrease_factor
+        self.cooldown = config.throttle_cooldown
+        self._min = config.min_concurrency
         self.set_ceiling(config.concurrency)
+        if self.slots.limit < self.floor or not self.enabled:
+            self._resize(self.floor if self.enabled else self.ceiling)
 
     @property
     def limit(self) -> int:

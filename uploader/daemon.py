@@ -164,7 +164,14 @@ class Daemon:
         old = self.config
         live = replace(
             old,
-            upload=replace(old.upload, concurrency=fresh.upload.concurrency),
+            upload=replace(
+                old.upload,
+                concurrency=fresh.upload.concurrency,
+                adaptive=fresh.upload.adaptive,
+                min_concurrency=fresh.upload.min_concurrency,
+                decrease_factor=fresh.upload.decrease_factor,
+                throttle_cooldown=fresh.upload.throttle_cooldown,
+            ),
             daemon=replace(old.daemon, log_level=fresh.daemon.log_level, log_format=fresh.daemon.log_format),
             http=replace(old.http, token=fresh.http.token),
             limits=fresh.limits,
@@ -176,7 +183,7 @@ class Daemon:
             if f.name != "path" and getattr(fresh, f.name) != getattr(live, f.name)
         ]
         self.config = live
-        self.scheduler.set_concurrency(live.upload.concurrency)
+        self.scheduler.retune(live.upload)
         self.scheduler.apply_limits(live)
         self.api.token = live.http.token.encode()
         logs.configure(live.daemon.log_level, live.daemon.log_format)

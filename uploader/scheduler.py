@@ -22,7 +22,7 @@ import structlog
 
 from uploader.aimd import Aimd
 from uploader.beanstalk import BeanstalkError, ConnectionLost, NotFound
-from uploader.config import Config
+from uploader.config import Config, UploadConfig
 from uploader.errors import BadJobError, FileError, PermanentFileError
 from uploader.files import Root, locate, open_source
 from uploader.limits import ByteBudget, Slots
@@ -619,9 +619,10 @@ class Scheduler:
 
     # --- live reconfiguration ---
 
-    def set_concurrency(self, concurrency: int) -> None:
-        """SIGHUP: the AIMD ceiling follows; the slots follow it unless backed off by throttling."""
-        self.aimd.set_ceiling(concurrency)
+    def retune(self, upload: UploadConfig) -> None:
+        """SIGHUP: concurrency and the AIMD keys; the slots follow the new ceiling unless
+        backed off by throttling."""
+        self.aimd.retune(upload)
 
     def apply_limits(self, config: Config) -> None:
         """New [limits] (SIGHUP): waiting uploads re-time themselves, throttled tubes re-checked."""
