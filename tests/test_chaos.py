@@ -158,6 +158,19 @@ def protected_redis() -> Server:
     return server
 
 
+@asynccontextmanager
+async def on_private_redis(
+    tmp_path: Path, moto_endpoint: str, shared: Env
+) -> AsyncIterator[tuple[Server, Env]]:
+    """A Redis of the test's own (AOF, password) to stop and start, and an Env that uses it."""
+    server = protected_redis().start()
+    try:
+        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=shared) as penv:
+            yield server, penv
+    finally:
+        server.stop()
+
+
 def chaos_config(env: Env, proxy: FaultProxy, bucket: str, name: str = "uploader.toml",
                  **overrides: Any) -> Path:
     """The daemon's config: S3 through the fault proxy, the API on with a token, JSON logs."""
@@ -297,32 +310,28 @@ async def _sum_at_least(env: Env, job_ids: list[str], count: int) -> bool:
 async def test_redis_down_for_10s_fails_no_file(
     env: Env, tmp_path: Path, moto_endpoint: str, s3: Any, bucket: str, proxy: FaultProxy, daemons: Daemons
 ) -> None:
-    server = protected_redis().start()
-    try:
-        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=env) as penv:
-            proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.05))
-            paths = penv.write_files(150, size=1024)
-            job_id = f"redis-{penv.tag}"
-            await penv.push_job(job_id, [str(p) for p in paths], ttr=10)
-            # Small pages: the daemon needs Redis again and again to go on.
-            config = chaos_config(penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 20})
-            daemon = daemons.start(config)
-            await wait_until(lambda: _at_least(penv, job_id, 30), 30, "30 files uploaded")
+    async with on_private_redis(tmp_path, moto_endpoint, env) as (server, penv):
+        proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.05))
+        paths = penv.write_files(150, size=1024)
+        job_id = f"redis-{penv.tag}"
+        await penv.push_job(job_id, [str(p) for p in paths], ttr=10)
+        # Small pages: the daemon needs Redis again and again to go on.
+        config = chaos_config(penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 20})
+        daemon = daemons.start(config)
+        await wait_until(lambda: _at_least(penv, job_id, 30), 30, "30 files uploaded")
 
-            server.stop()  # SIGTERM: redis-server writes its AOF and exits
-            down_at = time.monotonic()
-            await daemon.wait_event("redis_unavailable", 10)
-            await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down_at)))  # the outage itself
-            server.start()
+        server.stop()  # SIGTERM: redis-server writes its AOF and exits
+        down_at = time.monotonic()
+        await daemon.wait_event("redis_unavailable", 10)
+        await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down_at)))  # the outage itself
+        server.start()
 
-            state = await _wait_final_through_outage(penv, job_id)
-            assert (state["state"], state["uploaded"], state["failed"]) == ("done", "150", "0")
-            assert await penv.failures(job_id) == {}
-            assert daemon.events("file_failed") == []
-            assert_all_landed(s3, bucket, penv, {job_id: paths})
-            assert daemon.stop() == 0
-    finally:
-        server.stop()
+        state = await _wait_final_through_outage(penv, job_id)
+        assert (state["state"], state["uploaded"], state["failed"]) == ("done", "150", "0")
+        assert await penv.failures(job_id) == {}
+        assert daemon.events("file_failed") == []
+        assert_all_landed(s3, bucket, penv, {job_id: paths})
+        assert daemon.stop() == 0
 
 
 @pytest.mark.timeout(90)
@@ -332,43 +341,39 @@ async def test_sigterm_while_redis_is_down_releases_the_job_and_exits_0(
     """The drain cannot save progress without Redis; it waits `release_timeout`, then gives the
     job back as it is, and the next instance uploads again what was not recorded."""
     drain_timeout, release_timeout = 1.0, 2.0
-    server = protected_redis().start()
-    try:
-        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=env) as penv:
-            proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.1))
-            paths = penv.write_files(60, size=1024)
-            job_id = f"redis-drain-{penv.tag}"
-            await penv.push_job(job_id, [str(p) for p in paths], ttr=30)
-            config = chaos_config(
-                penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 10},
-                daemon={"drain_timeout": drain_timeout, "release_timeout": release_timeout},
-            )
-            first = daemons.start(config)
-            await wait_until(lambda: _at_least(penv, job_id, 10), 30, "10 files uploaded")
-            server.stop()
-            await first.wait_event("redis_unavailable", 10)
-
-            signalled = time.monotonic()
-            assert first.stop(timeout=drain_timeout + 2 * release_timeout + 10) == 0
-            took = time.monotonic() - signalled
-            assert took <= drain_timeout + 2 * release_timeout + 3, f"the drain took {took:.1f} s"
-            assert first.events("release_forced"), "the drain never gave up on Redis"
-            released = first.events("job_released")
-            assert [e["progress_saved"] for e in released] == [False]
-
-            async def ready_again() -> bool:
-                return (await penv.tube_stats())["current-jobs-ready"] == "1"
-
-            await wait_until(ready_again, 5, "the job to be back in its tube")
-            server.start()
-            second = daemons.start(config)
-            state = await _wait_final_through_outage(penv, job_id)
-            assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
-            assert_all_landed(s3, bucket, penv, {job_id: paths})
-            assert second.stop() == 0
-            print(f"SIGTERM with Redis down: exit 0 after {took:.2f} s, job released, 0 lost")
-    finally:
+    async with on_private_redis(tmp_path, moto_endpoint, env) as (server, penv):
+        proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.1))
+        paths = penv.write_files(60, size=1024)
+        job_id = f"redis-drain-{penv.tag}"
+        await penv.push_job(job_id, [str(p) for p in paths], ttr=30)
+        config = chaos_config(
+            penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 10},
+            daemon={"drain_timeout": drain_timeout, "release_timeout": release_timeout},
+        )
+        first = daemons.start(config)
+        await wait_until(lambda: _at_least(penv, job_id, 10), 30, "10 files uploaded")
         server.stop()
+        await first.wait_event("redis_unavailable", 10)
+
+        signalled = time.monotonic()
+        assert first.stop(timeout=drain_timeout + 2 * release_timeout + 10) == 0
+        took = time.monotonic() - signalled
+        assert took <= drain_timeout + 2 * release_timeout + 3, f"the drain took {took:.1f} s"
+        assert first.events("release_forced"), "the drain never gave up on Redis"
+        released = first.events("job_released")
+        assert [e["progress_saved"] for e in released] == [False]
+
+        async def ready_again() -> bool:
+            return (await penv.tube_stats())["current-jobs-ready"] == "1"
+
+        await wait_until(ready_again, 5, "the job to be back in its tube")
+        server.start()
+        second = daemons.start(config)
+        state = await _wait_final_through_outage(penv, job_id)
+        assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
+        assert_all_landed(s3, bucket, penv, {job_id: paths})
+        assert second.stop() == 0
+        print(f"SIGTERM with Redis down: exit 0 after {took:.2f} s, job released, 0 lost")
 
 
 async def _wait_final_through_outage(env: Env, job_id: str) -> dict[str, str]:

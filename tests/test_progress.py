@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -79,6 +80,21 @@ class ReplyDropper:
                     await writer.wait_closed()
 
 
+@asynccontextmanager
+async def progress_through(
+    redis_server: Server, hold: bool = False
+) -> AsyncIterator[tuple[ReplyDropper, Progress, Keys]]:
+    """A Progress whose Redis connection runs through a ReplyDropper, on keys of its own."""
+    dropper = ReplyDropper(redis_server.address, hold=hold)
+    client = aioredis.Redis.from_url(await dropper.start())
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    try:
+        yield dropper, Progress(client, keys, RedisConfig(), "test:1"), keys
+    finally:
+        await client.aclose()
+        await dropper.close()
+
+
 @pytest.fixture
 async def direct(redis_server: Server) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(f"redis://{redis_server.address}/0")
@@ -89,12 +105,7 @@ async def direct(redis_server: Server) -> AsyncIterator[aioredis.Redis]:
 async def test_a_batch_whose_reply_is_lost_is_counted_once(
     redis_server: Server, direct: aioredis.Redis
 ) -> None:
-    dropper = ReplyDropper(redis_server.address)
-    url = await dropper.start()
-    client = aioredis.Redis.from_url(url)
-    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    progress = Progress(client, keys, RedisConfig(), "test:1")
-    try:
+    async with progress_through(redis_server) as (dropper, progress, keys):
         await progress.start("job", 20)
         for i in range(10):
             progress.record("job", i, "uploaded", 100)
@@ -112,9 +123,6 @@ async def test_a_batch_whose_reply_is_lost_is_counted_once(
         assert counts == ("10", "4", "1", "1000")
         assert await direct.hgetall(keys.failed("job")) == {b"/x": b"gone"}
         assert await direct.bitcount(keys.marks("job")) == 14
-    finally:
-        await client.aclose()
-        await dropper.close()
 
 
 async def test_a_flush_cancelled_after_redis_applied_it_is_resent_and_counted_once(
@@ -122,12 +130,7 @@ async def test_a_flush_cancelled_after_redis_applied_it_is_resent_and_counted_on
 ) -> None:
     """Shutdown cancels a flush whose batch Redis has already applied; the final flush sends
     that batch again under its number, and it must not add up twice."""
-    dropper = ReplyDropper(redis_server.address, hold=True)
-    url = await dropper.start()
-    client = aioredis.Redis.from_url(url)
-    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    progress = Progress(client, keys, RedisConfig(), "test:1")
-    try:
+    async with progress_through(redis_server, hold=True) as (dropper, progress, keys):
         await progress.start("job", 5)
         for i in range(3):
             progress.record("job", i, "uploaded", 10)
@@ -143,9 +146,6 @@ async def test_a_flush_cancelled_after_redis_applied_it_is_resent_and_counted_on
         await progress.flush()
         state = await direct.hgetall(keys.job("job"))
         assert (state[b"uploaded"], state[b"bytes"]) == (b"4", b"40")
-    finally:
-        await client.aclose()
-        await dropper.close()
 
 
 def test_mark_args_use_whole_words_only_where_a_batch_covers_them() -> None:
