@@ -214,7 +214,8 @@ class Scheduler:
                 await self._no_jobs.wait()
             self.progress.stop()
             await _first(flusher, timeout=left())
-        if not await _first(self.progress.flush(), timeout=left()):
+        # At least a moment for the last few outcomes, also when the jobs took all the time.
+        if self.progress.unsaved and not await _first(self.progress.flush(), timeout=max(left(), 0.5)):
             log.warning("progress_unsaved", files=self.progress.unsaved,
                         reason="Redis unreachable: these files are uploaded again when their jobs resume")
         self.summary.uploads_cancelled = cut  # the daemon logs the one summary line
@@ -266,6 +267,10 @@ class Scheduler:
                 await self._work(run)
         except asyncio.CancelledError:
             # A drain that Redis held up past `release_timeout`: the job goes back as it is.
+            # Uncancelled while it does, so the release's own timeouts behave as usual.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             if not held.settled:
                 await self._settle_with_beanstalk(held, self.source.release)
                 self.summary.jobs_released += 1
