@@ -132,9 +132,16 @@ def test_a_config_file_of_any_text_loads_or_raises_config_error(text: str) -> No
 
 # File names as producers write them: any script, spaces, dots; not '/', NUL, '.' or '..';
 # printable (a key may not hold control characters) and no backslash (refused in keys).
-names = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="/\\\x00"), min_size=1, max_size=60
-).filter(lambda s: s.isprintable() and s not in (".", "..") and len(s.encode()) <= 255)
+# The non-printable categories are left out when drawing, not filtered out after: filtering
+# them threw away so many names that Hypothesis's health check failed now and then.
+printable = st.characters(
+    exclude_categories=("Cs", "Cc", "Cf", "Co", "Cn", "Zl", "Zp", "Zs"),
+    include_characters=" ",
+    exclude_characters="/\\\x00",
+)
+names = st.text(printable, min_size=1, max_size=60).filter(
+    lambda s: s not in (".", "..") and len(s.encode()) <= 255
+)
 long_names = st.integers(200, 255).map(lambda n: "L" * n)
 sizes = st.sampled_from([0, 1, 100, 64 * 1024, 64 * 1024 + 1]) | st.integers(0, 200_000)
 segments = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12).filter(
@@ -202,7 +209,8 @@ async def test_a_well_formed_job_always_ends_done(
     entries: list[str] = []
     expected: dict[str, Path] = {}
     for i, gen in enumerate(files):
-        path = env.uploads.joinpath(f"ex{n}", *gen.dirs, gen.name)
+        # A directory per file: one file's name must not be another's directory.
+        path = env.uploads.joinpath(f"ex{n}", f"f{i}", *gen.dirs, gen.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(os.urandom(gen.size))
         # Unique per example: one daemon serves them all, and a key must not be both an
