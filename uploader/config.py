@@ -7,6 +7,7 @@ Every error is one line that names the file, the key and the value, e.g.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import string
@@ -175,7 +176,7 @@ class _Table:
         self.used: set[str] = set()
 
     def where(self, key: str) -> str:
-        return f"[{self.name}].{key}"
+        return f"[{self.name}].{_toml_key(key)}"
 
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.file}: {self.where(key)} {message}")
@@ -222,7 +223,7 @@ class _Table:
 
     def table(self, key: str) -> _Table:
         value = self.raw(key)
-        return _Table(self.file, f"{self.name}.{key}", {} if value is _MISSING else value)
+        return _Table(self.file, f"{self.name}.{_toml_key(key)}", {} if value is _MISSING else value)
 
     def close(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -237,6 +238,14 @@ def _type_name(kind: type) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         kind, kind.__name__
     )
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    """A key as TOML spells it: bare when it may be, else quoted (so an error stays one line)."""
+    return key if _BARE_KEY.match(key) else json.dumps(key)
 
 
 def _show(value: object) -> str:
