@@ -198,7 +198,7 @@ def test_limits_table_parses_and_refuses_what_it_cannot_use() -> None:
         ({"files_per_second": -1}, "[limits].files_per_second must be >= 0"),
         ({"burst_seconds": 0}, "[limits].burst_seconds must be >= 0.001"),
         ({"tubes": {"bulk": {"file_per_second": 1}}}, "[limits.tubes.bulk].file_per_second is not a known"),
-        ({"tubes": {"bad name": {}}}, "[limits.tubes]."bad name" is not a valid tube name"),
+        ({"tubes": {"bad name": {}}}, '[limits.tubes]."bad name" is not a valid tube name'),
         ({"tubes": {"bulk": 5}}, "[limits.tubes.bulk] must be a table"),
         ({"rate": 1}, "[limits].rate is not a known key"),
     ]
