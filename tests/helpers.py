@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import redis.asyncio as aioredis
 
 from uploader import config as config_mod
 from uploader import devservers
+from uploader import files as files_mod
 from uploader.beanstalk import Connection
 from uploader.config import Config
 from uploader.daemon import Daemon
@@ -263,3 +265,41 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(toml_text(data))
     config_mod.load(str(path))
     return path
+
+
+def hook_open(
+    monkeypatch: pytest.MonkeyPatch, target: Path, action: Callable[[], None], once: bool = False
+) -> None:
+    """Run `action` just before the daemon opens `target`, whichever way `uploader.files` opens
+    it (os.open, or openat2 beneath its root): after every check by name. An OSError that
+    `action` raises is that open's failure. With `once`, only the first open runs it."""
+    done: list[bool] = []
+
+    def fire() -> None:
+        if once and done:
+            return
+        done.append(True)
+        action()
+
+    real_open = os.open
+
+    def patched_open(p: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(p) == str(target):
+            fire()
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", patched_open)
+    real_beneath = files_mod._open_beneath
+    if real_beneath is None:
+        return
+    whole = os.fsencode(str(target))
+
+    def patched_beneath(dir_fd: int, relpath: bytes) -> int:
+        if whole.endswith(b"/" + relpath):
+            try:
+                fire()
+            except OSError:
+                return -1  # refused as the kernel would; the resolving way then meets it too
+        return real_beneath(dir_fd, relpath)
+
+    monkeypatch.setattr(files_mod, "_open_beneath", patched_beneath)

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 import structlog
 
-from tests.helpers import Env, deep_merge, toml_text, wait_until, write_config
+from tests.helpers import Env, deep_merge, hook_open, toml_text, wait_until, write_config
 from uploader import cli
 from uploader import config as config_mod
 from uploader.beanstalk import JobTooBig
@@ -111,15 +111,8 @@ class Ctx:
         return path
 
     def swap_on_open(self, target: Path, swap: Callable[[], None]) -> None:
-        """Run `swap` just before the daemon's open() of `target`: after every name check."""
-        real_open = os.open
-
-        def patched(p: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if os.fspath(p) == str(target):
-                swap()
-            return real_open(p, flags, *args, **kwargs)
-
-        self.monkeypatch.setattr(os, "open", patched)
+        """Run `swap` once, just before the daemon opens `target`: after every name check."""
+        hook_open(self.monkeypatch, target, swap, once=True)
 
 
 Case = Callable[[Ctx], Awaitable[Expect]]
@@ -422,14 +415,11 @@ async def _(c: Ctx) -> Expect:
 @case("entry-unreadable")
 async def _(c: Ctx) -> Expect:
     path = c.file("locked.txt")
-    real_open = os.open
 
-    def deny(p: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if os.fspath(p) == str(path):  # root ignores chmod 000: refuse as the kernel would
-            raise PermissionError(errno.EACCES, "Permission denied", str(p))
-        return real_open(p, flags, *args, **kwargs)
+    def deny() -> None:  # root ignores chmod 000: refuse as the kernel would
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    c.monkeypatch.setattr(os, "open", deny)
+    hook_open(c.monkeypatch, path, deny)
     return EntryFailed(await c.job_with(str(path)), "permission denied")
 
 
@@ -531,6 +521,7 @@ config_case("unknown-key", {"upload": {"concurency": 4}}, "[upload].concurency i
 config_case("wrong-type", {"upload": {"concurrency": "64"}}, "[upload].concurrency must be an integer")
 config_case("zero-concurrency", {"upload": {"concurrency": 0}}, "[upload].concurrency must be >= 1")
 config_case("negative-drain", {"daemon": {"drain_timeout": -1.0}}, "[daemon].drain_timeout must be >= 0")
+config_case("key-with-a-newline", {"store": {"local": {"a\nb": 1}}}, r'[store.local]."a\nb" is not a known')
 config_case("zero-attempts", {"upload": {"retry": {"max_attempts": 0}}}, "max_attempts must be >= 1")
 config_case("zero-active-jobs", {"source": {"max_active_jobs": 0}}, "max_active_jobs must be >= 1")
 config_case(

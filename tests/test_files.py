@@ -262,6 +262,8 @@ def test_no_descriptor_leaks_when_a_file_is_refused(
     root_dir: Path, outside: Path, roots: tuple[Root, ...]
 ) -> None:
     os.link(outside / "secret.txt", root_dir / "linked.txt")  # refused after open()
+    (root_dir / "warm.txt").write_bytes(b"w")
+    open_in(root_dir / "warm.txt", roots).close()  # the root's directory stays open, by design
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         with pytest.raises(PermanentFileError):
@@ -346,6 +348,7 @@ async def test_cancelling_a_threaded_read_leaves_no_descriptor_behind(
     root_dir: Path, roots: tuple[Root, ...]
 ) -> None:
     (root_dir / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    open_in(root_dir / "big.bin", roots).close()  # the root's directory stays open, by design
     before = len(os.listdir("/proc/self/fd"))
     with open_in(root_dir / "big.bin", roots) as f:
         reading = asyncio.create_task(f.read_all())

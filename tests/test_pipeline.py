@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Env, StoreWrapper, wait_until
+from tests.helpers import Env, StoreWrapper, hook_open, wait_until
 from uploader.errors import PermanentFileError, TransientFileError
 from uploader.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult, Store
@@ -294,14 +294,11 @@ async def test_bad_input_ends_as_the_contract_says_and_the_daemon_serves_on(env:
 
 async def test_unreadable_file_fails_with_a_reason(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     path = env.write_files(1)[0]
-    real_open = os.open
 
-    def deny(p: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if str(p) == str(path):  # tests run as root, where chmod 000 does not stop a read
-            raise PermissionError(13, "Permission denied", str(p))
-        return real_open(p, flags, *args, **kwargs)
+    def deny() -> None:  # tests run as root, where chmod 000 does not stop a read
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(os, "open", deny)
+    hook_open(monkeypatch, path, deny)
     job_id = f"unreadable-{env.tag}"
     await env.push_job(job_id, [str(path)])
     async with env.daemon(env.config()):

@@ -8,9 +8,13 @@ again, so a symlink swapped in between the check and the open cannot leak a file
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import stat
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from uploader.errors import PermanentFileError, TransientFileError
@@ -20,6 +24,79 @@ from uploader.errors import PermanentFileError, TransientFileError
 INLINE_READ_LIMIT = 64 * 1024
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+_SYS_OPENAT2 = 437  # one number on every architecture (Linux 5.6+)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_BENEATH = 0x08
+
+
+def _openat2() -> Callable[[int, bytes], int] | None:
+    """openat2(2) with RESOLVE_BENEATH: the kernel keeps the whole resolution inside the root's
+    directory, in one syscall, where the portable way opens and then reads /proc to see where
+    it landed. None where it is missing (old kernel, other OS) or filtered (seccomp)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+    how = _OpenHow(_OPEN_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    how_ref, how_size = ctypes.byref(how), ctypes.sizeof(how)
+
+    def open_beneath(dir_fd: int, relpath: bytes) -> int:
+        """A descriptor, or -1 for any refusal (the caller then takes the resolving way)."""
+        return int(syscall(_SYS_OPENAT2, dir_fd, relpath, how_ref, how_size))
+
+    try:
+        probe_dir = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = open_beneath(probe_dir, b".")
+    finally:
+        os.close(probe_dir)
+    if fd < 0:
+        return None
+    os.close(fd)
+    return open_beneath
+
+
+_open_beneath = _openat2()
+# The roots' directories, held open for openat2 (O_PATH: no access to them is needed). A
+# daemon has a few roots; the bound is for processes that see many, like the test suite.
+_root_dirs: dict[str, int] = {}
+_MAX_ROOT_DIRS = 32
+# Held from taking a directory's descriptor to the openat2 that uses it: closed meanwhile (by
+# another thread), its number could be reused for a directory outside every root.
+_root_dirs_lock = threading.Lock()
+
+
+def _root_dir(root: Root) -> int | None:
+    fd = _root_dirs.get(root.real)
+    if fd is None:
+        if len(_root_dirs) >= _MAX_ROOT_DIRS:
+            _forget_root_dir(next(iter(_root_dirs)))
+        try:
+            fd = os.open(root.real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        _root_dirs[root.real] = fd
+    return fd
+
+
+def _forget_root_dir(real: str) -> None:
+    """After a refusal: the directory may have been replaced since it was opened, and the next
+    file must not be looked up in the old one."""
+    fd = _root_dirs.pop(real, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,23 +227,56 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_source(path: str, root: Root, *, allow_hard_links: bool = False) -> SourceFile:
-    """Open `path` (already `locate`d under `root`) for reading, or raise a FileError.
+def open_source(
+    path: str, root: Root, *, allow_hard_links: bool = False, relpath: str | None = None
+) -> SourceFile:
+    """Open `path` (already `locate`d under `root`, `relpath` below it) for reading, or raise a
+    FileError.
 
     The common case, a regular file named without a final symlink, skips `realpath` (an lstat
-    per path component): the file is opened without following a final symlink and its real
-    place, read back from /proc, decides. Opening a regular file has no side effects and
-    nothing is read before that check. Anything else takes the path-resolving way below.
+    per path component): the file is opened beneath the root's directory by openat2, or else
+    opened without following a final symlink and its real place, read back from /proc,
+    decides. Opening a regular file has no side effects and nothing is read before that
+    check. Anything else, and anything those refuse, takes the path-resolving way below.
     """
     try:
         st = os.lstat(path)
     except OSError:
         st = None
     if st is not None and stat.S_ISREG(st.st_mode):
-        opened = _open_regular(path, root, st, allow_hard_links)
+        if _open_beneath is not None:
+            opened = _open_regular_beneath(path, relpath, root, st, allow_hard_links)
+        else:
+            opened = _open_regular(path, root, st, allow_hard_links)
         if opened is not None:
             return opened
     return _open_resolved(path, root, allow_hard_links)
+
+
+def _open_regular_beneath(
+    path: str, relpath: str | None, root: Root, st: os.stat_result, allow_hard_links: bool
+) -> SourceFile | None:
+    """The fast way with openat2; None when it refuses (then resolve by name, for the reason)."""
+    assert _open_beneath is not None
+    if relpath is None:
+        try:
+            relpath = locate(path, (root,))[1]
+        except PermanentFileError:
+            return None
+    name = os.fsencode(relpath)
+    with _root_dirs_lock:
+        root_fd = _root_dir(root)
+        if root_fd is None:
+            return None
+        fd = _open_beneath(root_fd, name)
+        if fd < 0:
+            _forget_root_dir(root.real)
+            return None
+    try:
+        return _checked(fd, path, st, allow_hard_links)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_regular(path: str, root: Root, st: os.stat_result, allow_hard_links: bool) -> SourceFile | None:

@@ -571,7 +571,9 @@ class Scheduler:
         )
 
         async def attempt() -> PutResult:
-            with open_source(entry.path, root, allow_hard_links=upload.allow_hard_links) as source:
+            with open_source(
+                entry.path, root, allow_hard_links=upload.allow_hard_links, relpath=relpath
+            ) as source:
                 if skip != "never" and await already_stored(self.store, key, source, skip):
                     return PutResult(0, already_present=True)
                 # Per attempt, outside the memory budget: a retry is a request like any other.
