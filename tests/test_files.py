@@ -40,8 +40,8 @@ def roots(root_dir: Path) -> tuple[Root, ...]:
 
 def open_in(path: Path | str, roots: tuple[Root, ...], allow_hard_links: bool = False) -> SourceFile:
     """What the scheduler does: locate by name, then open and check what was opened."""
-    root, _ = locate(str(path), roots)
-    return open_source(str(path), root, allow_hard_links=allow_hard_links)
+    root, relpath = locate(str(path), roots)
+    return open_source(str(path), root, allow_hard_links=allow_hard_links, relpath=relpath)
 
 
 def refused(path: Path | str, roots: tuple[Root, ...], match: str) -> PermanentFileError:
@@ -129,6 +129,32 @@ def test_a_relative_symlink_inside_the_root_is_followed(root_dir: Path, roots: t
 
     with open_in(root_dir / "link.txt", roots) as f:
         assert f.pread(0, 4) == b"real"
+
+
+def test_an_absolute_symlink_to_a_directory_inside_the_root_is_followed(
+    root_dir: Path, roots: tuple[Root, ...]
+) -> None:
+    """openat2 refuses absolute symlinks on the way (EXDEV); resolving by name accepts this one."""
+    (root_dir / "sub" / "a.txt").write_bytes(b"inside")
+    (root_dir / "alias").symlink_to(root_dir / "sub", target_is_directory=True)
+    with open_in(root_dir / "alias" / "a.txt", roots) as f:
+        assert f.pread(0, 6) == b"inside"
+
+
+def test_files_are_opened_beneath_the_root_directory_held_open(
+    tmp_path: Path, root_dir: Path, roots: tuple[Root, ...]
+) -> None:
+    if files._open_beneath is None:
+        pytest.skip("this kernel has no openat2 (Linux < 5.6) or filters it")
+    (root_dir / "a.txt").write_bytes(b"a")
+    open_in(root_dir / "a.txt", roots).close()
+    assert roots[0].real in files._root_dirs
+    for n in range(files._MAX_ROOT_DIRS + 8):  # many roots: the held directories stay bounded
+        other = tmp_path / f"r{n}"
+        other.mkdir()
+        (other / "f").write_bytes(b"f")
+        open_in(other / "f", (Root.of(str(other)),)).close()
+    assert len(files._root_dirs) <= files._MAX_ROOT_DIRS
 
 
 def test_a_symlink_escaping_the_root_is_refused(
