@@ -261,6 +261,21 @@ async def _(c: Ctx) -> Expect:
     return JobFailed("is a Redis hash, not a list")
 
 
+@case("progress-hash-is-a-string")
+async def _(c: Ctx) -> Expect:
+    # The daemon's own keys, written by a producer's mistake: nothing could be recorded there.
+    await c.env.redis.set(c.env.keys.job(c.job_id), "not a hash")
+    await c.job_with(str(c.good))
+    return Buried("is a Redis string, where the daemon keeps this job's progress")
+
+
+@case("resume-marks-are-a-list")
+async def _(c: Ctx) -> Expect:
+    await c.env.redis.rpush(c.env.keys.marks(c.job_id), "x")
+    await c.job_with(str(c.good))
+    return Buried("is a Redis list, where the daemon keeps this job's progress")
+
+
 # --- entries: names ------------------------------------------------------------------------
 
 

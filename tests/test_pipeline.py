@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import Env, StoreWrapper, hook_open, wait_until
 from uploader.errors import PermanentFileError, TransientFileError
 from uploader.files import SourceFile
+from uploader.progress import Progress
 from uploader.stores.base import PutRequest, PutResult, Store
 from uploader.stores.local import LocalStore
 
@@ -330,3 +331,28 @@ async def test_inline_json_job_without_redis_list(env: Env) -> None:
         await env.put(body)
         state = await env.wait_final(job_id)
     assert (state["state"], state["uploaded"]) == ("done", "5")
+
+
+async def test_an_unforeseen_error_in_one_job_buries_it_and_the_daemon_goes_on(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doomed, after = f"doomed-{env.tag}", f"after-{env.tag}"
+    real_start = Progress.start
+
+    async def start(self: Progress, job_id: str, total: int | None) -> None:
+        if job_id == doomed:
+            raise RuntimeError("a state no check foresaw")
+        await real_start(self, job_id, total)
+
+    monkeypatch.setattr(Progress, "start", start)
+    paths = [str(p) for p in env.write_files(2)]
+    await env.push_job(doomed, paths)
+    await env.push_job(after, paths)
+    async with env.daemon(env.config()) as daemon:
+        assert (await env.wait_final(after))["state"] == "done"
+
+        async def buried() -> bool:
+            return (await env.tube_stats())["current-jobs-buried"] == "1"
+
+        await wait_until(buried, 10, "the doomed job to be buried")
+        assert daemon.scheduler.summary.jobs_buried == 1

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 from redis.typing import EncodableT, FieldT
 
 from uploader.config import RedisConfig
+from uploader.errors import BadJobError
 from uploader.redisio import Keys, until_done
 
 log = structlog.get_logger("uploader.progress")
@@ -161,7 +163,12 @@ class Progress:
                 self._pending = defaultdict(_Pending)
                 self._buffered = 0
             while self._unsent:
-                await until_done(functools.partial(self._write, *self._unsent[0]), "flush progress")
+                try:
+                    await until_done(functools.partial(self._write, *self._unsent[0]), "flush progress")
+                except redis.exceptions.ResponseError as exc:
+                    # A key of another type (see check_keys): the transaction applied all the
+                    # rest; sending it again would fail the same way.
+                    log.error("progress_write_refused", error=str(exc))
                 self._unsent.pop(0)
 
     async def _write(self, sequence: int, batch: dict[str, _Pending]) -> None:
@@ -179,6 +186,30 @@ class Progress:
                 if pending.reasons:
                     pipe.hset(self._keys.failed(job_id), mapping=pending.reasons)
             await pipe.execute()
+
+    async def check_keys(self, job_id: str) -> None:
+        """Refuse a job whose progress keys hold something else (a producer's mistake): every
+        write to them would fail, so nothing could be recorded."""
+        expected = {
+            self._keys.job(job_id): b"hash",
+            self._keys.failed(job_id): b"hash",
+            self._keys.applied(job_id): b"hash",
+            self._keys.marks(job_id): b"string",
+        }
+
+        async def call() -> list[object]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in expected:
+                    pipe.type(key)
+                result: list[object] = await pipe.execute()
+                return result
+
+        for (key, kind), found in zip(expected.items(), await until_done(call, "check keys"), strict=True):
+            found_kind = found.encode() if isinstance(found, str) else found
+            if found_kind not in (b"none", kind):
+                shown = found_kind.decode() if isinstance(found_kind, bytes) else found_kind
+                raise BadJobError(f"{key} is a Redis {shown}, where the daemon keeps this job's progress: "
+                                  "delete it or use another job ID")
 
     async def start(self, job_id: str, total: int | None) -> None:
         """Mark a job running. Failures of an earlier run are forgotten: they are retried now."""

@@ -277,11 +277,25 @@ class Scheduler:
                 self.metrics.jobs_released.inc()
                 log.warning("job_released", job_id=run.id, progress_saved=False, **_fields(run.counts))
             raise
+        except Exception:
+            # A state of Redis or of the job that no check foresaw: this job stops, buried for
+            # an operator to look at; the daemon and every other job go on.
+            log.exception("job_crashed", job_id=run.id, beanstalk_job=held.id)
+            if not held.settled:
+                await self._settle_with_beanstalk(held, self.source.bury)
+                self.summary.jobs_buried += 1
         finally:
             del self.runs[run.id]
             self.metrics.active_jobs.dec()
 
     async def _work(self, run: JobRun) -> None:
+        try:
+            await self.progress.check_keys(run.id)
+        except BadJobError as exc:
+            log.error("job_refused", beanstalk_job=run.held.id, tube=run.held.tube, reason=str(exc))
+            self.summary.jobs_buried += 1
+            await self._settle_with_beanstalk(run.held, self.source.bury)
+            return
         try:
             run.total = await run.manifest.length()
         except BadJobError as exc:
