@@ -29,7 +29,7 @@ from redis.typing import EncodableT, FieldT
 
 from uploader.config import RedisConfig
 from uploader.errors import BadJobError
-from uploader.redisio import Keys, until_done
+from uploader.redisio import Keys, text, until_done
 
 log = structlog.get_logger("uploader.progress")
 
@@ -191,10 +191,10 @@ class Progress:
         """Refuse a job whose progress keys hold something else (a producer's mistake): every
         write to them would fail, so nothing could be recorded."""
         expected = {
-            self._keys.job(job_id): b"hash",
-            self._keys.failed(job_id): b"hash",
-            self._keys.applied(job_id): b"hash",
-            self._keys.marks(job_id): b"string",
+            self._keys.job(job_id): "hash",
+            self._keys.failed(job_id): "hash",
+            self._keys.applied(job_id): "hash",
+            self._keys.marks(job_id): "string",
         }
 
         async def call() -> list[object]:
@@ -205,11 +205,10 @@ class Progress:
                 return result
 
         for (key, kind), found in zip(expected.items(), await until_done(call, "check keys"), strict=True):
-            found_kind = found.encode() if isinstance(found, str) else found
-            if found_kind not in (b"none", kind):
-                shown = found_kind.decode() if isinstance(found_kind, bytes) else found_kind
-                raise BadJobError(f"{key} is a Redis {shown}, where the daemon keeps this job's progress: "
-                                  "delete it or use another job ID")
+            found_kind = text(found) if isinstance(found, bytes | str) else str(found)
+            if found_kind not in ("none", kind):
+                raise BadJobError(f"{key} is a Redis {found_kind}, where the daemon keeps this job's "
+                                  "progress: delete it or use another job ID")
 
     async def start(self, job_id: str, total: int | None) -> None:
         """Mark a job running. Failures of an earlier run are forgotten: they are retried now."""

@@ -244,9 +244,7 @@ class Scheduler:
         try:
             spec = parse_body(held.body)
         except BadJobError as exc:
-            log.error("job_refused", beanstalk_job=held.id, tube=held.tube, reason=str(exc))
-            self.summary.jobs_buried += 1
-            await self._settle_with_beanstalk(held, self.source.bury)
+            await self._refuse(held, exc)
             return
         if spec.id in self.runs:
             log.warning("job_already_running", job_id=spec.id, beanstalk_job=held.id)
@@ -288,13 +286,17 @@ class Scheduler:
             del self.runs[run.id]
             self.metrics.active_jobs.dec()
 
+    async def _refuse(self, held: HeldJob, exc: BadJobError) -> None:
+        """A job that cannot even start: buried for an operator, the reason in the log."""
+        log.error("job_refused", beanstalk_job=held.id, tube=held.tube, reason=str(exc))
+        self.summary.jobs_buried += 1
+        await self._settle_with_beanstalk(held, self.source.bury)
+
     async def _work(self, run: JobRun) -> None:
         try:
             await self.progress.check_keys(run.id)
         except BadJobError as exc:
-            log.error("job_refused", beanstalk_job=run.held.id, tube=run.held.tube, reason=str(exc))
-            self.summary.jobs_buried += 1
-            await self._settle_with_beanstalk(run.held, self.source.bury)
+            await self._refuse(run.held, exc)
             return
         try:
             run.total = await run.manifest.length()
