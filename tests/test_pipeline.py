@@ -339,10 +339,10 @@ async def test_an_unforeseen_error_in_one_job_buries_it_and_the_daemon_goes_on(
     doomed, after = f"doomed-{env.tag}", f"after-{env.tag}"
     real_start = Progress.start
 
-    async def start(self: Progress, job_id: str, total: int | None) -> None:
+    async def start(self: Progress, job_id: str, total: int | None, *rest: Any) -> Any:
         if job_id == doomed:
             raise RuntimeError("a state no check foresaw")
-        await real_start(self, job_id, total)
+        return await real_start(self, job_id, total, *rest)
 
     monkeypatch.setattr(Progress, "start", start)
     paths = [str(p) for p in env.write_files(2)]

@@ -20,6 +20,7 @@ from uploader.errors import (
     ConfigError,
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     ThrottledError,
     TransientFileError,
 )
@@ -220,7 +221,10 @@ async def test_an_entry_url_outside_url_hosts_fails_before_a_byte_is_sent(
 @pytest.mark.parametrize(
     ("status", "error"),
     [
-        (403, PermanentFileError),
+        # Refusals the store may give every key are outages; the daemon's probe decides.
+        (401, StoreUnavailableError),
+        (403, StoreUnavailableError),
+        (507, StoreUnavailableError),
         (404, PermanentFileError),
         (408, TransientFileError),
         (429, ThrottledError),

@@ -16,6 +16,7 @@ from uploader.config import LocalStoreConfig
 from uploader.errors import (
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     TransientFileError,
 )
 from uploader.stores import local as local_module
@@ -202,20 +203,21 @@ async def test_source_changed_while_copied_leaves_no_partial_file(
     assert all_files(store_root) == []
 
 
-async def test_disk_full_is_transient_and_leaves_no_temp_file(
+async def test_disk_full_is_an_outage_and_leaves_no_temp_file(
     store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def full(*args: object, **kwargs: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "copy_file_range", full)
-    with open_file("f", b"payload") as source, pytest.raises(TransientFileError) as info:
+    with open_file("f", b"payload") as source, pytest.raises(StoreUnavailableError) as info:
         await store.put(source, req("k/f"))
     assert info.value.reason == "local store: no space left on device"
+    assert not info.value.per_key, "a full disk is full for every file"
     assert all_files(store_root) == []
 
 
-async def test_disk_full_in_the_read_write_fallback_is_transient(
+async def test_disk_full_in_the_read_write_fallback_is_an_outage(
     store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def unsupported(*args: object, **kwargs: object) -> int:
@@ -235,7 +237,7 @@ async def test_disk_full_in_the_read_write_fallback_is_transient(
     monkeypatch.setattr(os, "copy_file_range", unsupported)
     monkeypatch.setattr(os, "sendfile", unsupported)
     monkeypatch.setattr(os, "write", write)
-    with open_file("f", b"payload") as source, pytest.raises(TransientFileError) as info:
+    with open_file("f", b"payload") as source, pytest.raises(StoreUnavailableError) as info:
         await store.put(source, req("k/f"))
     assert info.value.reason == "local store: disk quota exceeded"
     assert all_files(store_root) == []
@@ -315,11 +317,13 @@ async def test_check_refuses_a_root_that_is_not_a_directory(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("code", "kind", "reason"),
     [
-        (errno.ENOSPC, TransientFileError, "local store: no space left on device"),
-        (errno.EDQUOT, TransientFileError, "local store: disk quota exceeded"),
+        # The store refusing every write is an outage, not the file's fault.
+        (errno.ENOSPC, StoreUnavailableError, "local store: no space left on device"),
+        (errno.EDQUOT, StoreUnavailableError, "local store: disk quota exceeded"),
+        (errno.EACCES, StoreUnavailableError, "local store: permission denied"),
+        (errno.EPERM, StoreUnavailableError, "local store: operation not permitted"),
+        (errno.EROFS, StoreUnavailableError, "local store: read-only file system"),
         (errno.EIO, TransientFileError, "local store: I/O error"),
-        (errno.EACCES, PermanentFileError, "local store: permission denied: 'k'"),
-        (errno.EROFS, PermanentFileError, "local store: read-only file system: 'k'"),
         (errno.EISDIR, PermanentFileError, "local store: the key names an existing directory: 'k'"),
     ],
 )

@@ -22,9 +22,9 @@ from botocore.exceptions import (
 from tests.helpers import OpenFile
 from uploader.config import MiB, S3StoreConfig
 from uploader.errors import (
-    ConfigError,
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     ThrottledError,
     TransientFileError,
 )
@@ -201,13 +201,14 @@ def test_object_name_joins_prefix_and_key() -> None:
     assert object_name("p/", "a/b") == "p/a/b"
 
 
-async def test_put_to_a_deleted_bucket_is_permanent(
+async def test_put_to_a_deleted_bucket_is_an_outage_of_every_key(
     store: S3Store, s3: Any, bucket: str, open_file: OpenFile
 ) -> None:
     s3.delete_bucket(Bucket=bucket)
     source = open_file("f", b"payload")
-    with source, pytest.raises(PermanentFileError, match="NoSuchBucket"):
+    with source, pytest.raises(StoreUnavailableError, match="NoSuchBucket") as info:
         await store.put(source, PutRequest("f", "text/plain"))
+    assert not info.value.per_key
 
 
 # -- stat, check, start -----------------------------------------------------------------
@@ -229,13 +230,19 @@ async def test_check_passes_for_a_reachable_bucket_and_fails_after_it_is_gone(
         await store.check()
 
 
-async def test_start_with_a_missing_bucket_raises_config_error_naming_it(
+async def test_start_with_a_missing_bucket_starts_and_its_check_names_the_bucket(
     moto_endpoint: str,
 ) -> None:
+    """A missing bucket is an outage that readiness reports (it may be created in a minute),
+    not a reason to exit."""
     missing = f"missing-{uuid.uuid4().hex[:12]}"
     store = S3Store(make_config(moto_endpoint, missing, secret_access_key="s3cr3t-value"), 2)
-    with pytest.raises(ConfigError, match=missing) as info:
-        await store.start()
+    await store.start()
+    try:
+        with pytest.raises(InfrastructureError, match=missing) as info:
+            await store.check()
+    finally:
+        await store.close()
     assert "s3cr3t-value" not in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -292,16 +299,18 @@ def client_error(code: str, status: int, message: str = "msg") -> ClientError:
             TransientFileError,
             "s3: RequestTimeout (400): slow",
         ),
+        # Refusals that may hold for every key: outages, asked of the store's probe.
         (
             client_error("AccessDenied", 403, "Access Denied"),
-            PermanentFileError,
+            StoreUnavailableError,
             "s3: AccessDenied (403): Access Denied",
         ),
         (
             client_error("NoSuchBucket", 404, "gone"),
-            PermanentFileError,
+            StoreUnavailableError,
             "s3: NoSuchBucket (404): gone",
         ),
+        (client_error("ExpiredToken", 400, ""), StoreUnavailableError, "s3: ExpiredToken (400)"),
         (
             client_error("EntityTooLarge", 400, "too\nbig"),
             PermanentFileError,
@@ -332,8 +341,9 @@ def test_network_errors_are_transient(exc: BaseException) -> None:
     assert type(error) is TransientFileError
 
 
-def test_missing_credentials_are_permanent() -> None:
-    assert type(classify_s3_error(NoCredentialsError())) is PermanentFileError
+def test_missing_credentials_are_an_outage_not_a_bad_file() -> None:
+    """Credentials gone at run time (an expired role, a rotated file) fail every key alike."""
+    assert type(classify_s3_error(NoCredentialsError())) is StoreUnavailableError
 
 
 def test_unknown_errors_and_cancellation_are_not_translated() -> None:

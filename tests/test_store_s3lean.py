@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from uploader.config import S3StoreConfig
 from uploader.devservers import free_port, wait_for_port
-from uploader.errors import PermanentFileError, ThrottledError
+from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
 from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store, classify_s3_error
@@ -108,6 +108,10 @@ def test_redirects_and_region_mismatches_are_left_to_botocore(status: int, body:
 def test_an_empty_error_reply_is_classified_by_its_status() -> None:
     with pytest.raises(ClientError) as caught:
         check_reply(403, b"")
+    refused = classify_s3_error(caught.value)
+    assert isinstance(refused, StoreUnavailableError) and refused.per_key  # the probe decides
+    with pytest.raises(ClientError) as caught:
+        check_reply(400, b"")
     assert isinstance(classify_s3_error(caught.value), PermanentFileError)
 
 
@@ -179,7 +183,7 @@ async def test_a_conditional_put_goes_the_lean_way_and_never_overwrites(
         await store.close()
 
 
-async def test_a_put_to_a_missing_bucket_is_a_permanent_failure(moto_endpoint: str) -> None:
+async def test_a_put_to_a_missing_bucket_is_an_outage(moto_endpoint: str) -> None:
     lean = LeanPut(
         f"{moto_endpoint}/no-such-{uuid.uuid4().hex[:8]}/", REGION, _static("test", "test"), 2, 10.0
     )
@@ -190,7 +194,7 @@ async def test_a_put_to_a_missing_bucket_is_a_permanent_failure(moto_endpoint: s
     finally:
         await lean.close()
     error = classify_s3_error(caught.value)
-    assert isinstance(error, PermanentFileError)
+    assert isinstance(error, StoreUnavailableError) and not error.per_key
     assert "NoSuchBucket" in error.reason
 
 

@@ -24,6 +24,7 @@ from uploader import logs, redisio, sdnotify, web
 from uploader.beanstalk import BeanstalkError, Connection, NotFound, Producer
 from uploader.config import Config
 from uploader.errors import ConfigError
+from uploader.health import Health
 from uploader.metrics import Metrics
 from uploader.progress import Progress
 from uploader.scheduler import CompletionSink, Scheduler, Summary
@@ -35,6 +36,7 @@ log = structlog.get_logger("uploader.daemon")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks for more
 READY_POLL = 0.5  # seconds between dependency checks before READY=1
 TUBE_STATS_INTERVAL = 5.0  # seconds between stats-tube polls for uploader_tube_ready_jobs
+REDIS_CHECK_INTERVAL = 1.0  # seconds between PINGs that decide whether jobs are reserved
 
 
 class Monitor:
@@ -99,6 +101,8 @@ class Daemon:
         )
         self.keys = redisio.Keys(config.redis.key_prefix)
         self.progress = Progress(self.redis, self.keys, config.redis, self.worker)
+        # Nothing is reserved before Redis and the store are proven to answer.
+        self.health = Health("redis", "store", on_change=self._health_changed)
         self.source = Source(config.source)
         self.monitor = Monitor(config.source.addresses, tuple(t.name for t in config.source.tubes))
         self.producer = (
@@ -114,6 +118,7 @@ class Daemon:
             self.progress,
             self.metrics,
             CompletionSink(self.progress, self.producer.put if self.producer else None),
+            health=self.health,
         )
         self.notifier = sdnotify.Notifier()
         self.api = web.Api(
@@ -121,6 +126,7 @@ class Daemon:
             probes={"beanstalkd": self.monitor.ping, "redis": self._ping_redis, "store": self.store.check},
             active_jobs=self.active_jobs,
             draining=self.stop.is_set,
+            paused=self.health.reasons,
             redis=self.probe_redis,
             keys=self.keys,
             token=config.http.token,
@@ -226,6 +232,7 @@ class Daemon:
                     tg.create_task(self._announce_ready(), name="ready"),
                     tg.create_task(self._tick(), name="status tick"),
                     tg.create_task(self._poll_tubes(), name="tube stats"),
+                    tg.create_task(self._watch_redis(), name="redis check"),
                 ]
                 try:
                     summary = await self.scheduler.run(self.stop, self.force)
@@ -272,11 +279,13 @@ class Daemon:
     # --- side tasks: they log and carry on, never end the daemon ---
 
     async def _announce_ready(self) -> None:
-        """READY=1 once beanstalkd and Redis answer; until then STATUS says what is missing."""
-        probes: dict[str, web.Probe] = {"beanstalkd": self.monitor.ping, "redis": self._ping_redis}
+        """READY=1 once beanstalkd, Redis and the store answer; until then STATUS says what is
+        missing."""
+        probes: dict[str, web.Probe] = {"beanstalkd": self.monitor.ping}
         warned = False
         while not self.stop.is_set():
             problems = {k: v for k, v in (await web.probe_all(probes)).items() if v is not None}
+            problems.update(self.health.reasons())
             if not problems:
                 self.ready = True
                 self.notifier.ready(self._status_text())
@@ -315,6 +324,24 @@ class Daemon:
                 log.debug("tube_stats_failed", error=repr(exc))
             await asyncio.sleep(TUBE_STATS_INTERVAL)
 
+    async def _watch_redis(self) -> None:
+        """PING Redis every REDIS_CHECK_INTERVAL: while it does not answer, nothing is reserved
+        (held jobs wait for it where they are)."""
+        while True:
+            try:
+                async with asyncio.timeout(web.PROBE_TIMEOUT):
+                    await self.probe_redis.ping()
+            except Exception as exc:  # noqa: BLE001 - whatever the ping met is the reason shown
+                self.health.fail("redis", str(exc) or type(exc).__name__)
+            else:
+                self.health.recover("redis")
+            await asyncio.sleep(REDIS_CHECK_INTERVAL)
+
+    def _health_changed(self) -> None:
+        """Say at once why work stopped or that it goes on: systemd's STATUS= line."""
+        if self.ready and not self.stop.is_set():
+            self.notifier.status(self._status_text())
+
     # --- what the API and STATUS= show ---
 
     async def _ping_redis(self) -> None:
@@ -327,6 +354,8 @@ class Daemon:
     def _status_text(self, rate: float | None = None) -> str:
         runs = list(self.scheduler.runs.values())
         text = f"{len(runs)} active jobs, {sum(r.inflight for r in runs)} uploads in flight"
+        if not self.health.ok:
+            text = f"taking no work: {self.health.describe()}; {text}"
         return text if rate is None else f"{text}, {rate:.1f} files/s"
 
     def active_jobs(self) -> list[dict[str, object]]:

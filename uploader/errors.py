@@ -45,5 +45,22 @@ class ThrottledError(TransientFileError):
     """The store asked us to slow down (S3 SlowDown, HTTP 429/503)."""
 
 
+class StoreUnavailableError(FileError):
+    """The store refuses writes (read-only, full, missing bucket, refused credentials).
+
+    Not the file's fault: the file is not counted, the daemon stops taking work until the
+    store answers its probe again, and the file is uploaded then. `per_key`: the refusal may
+    be this key's alone (a 403, EACCES below the root); the scheduler then asks the store's
+    probe, and fails only the file if the store answers it. A FileError so that each store's
+    one translation of library errors returns it like the others.
+    """
+
+    transient = False
+
+    def __init__(self, reason: str, per_key: bool = False) -> None:
+        super().__init__(reason)
+        self.per_key = per_key
+
+
 class InfrastructureError(UploaderError):
     """Redis or beanstalkd is unreachable: never a reason to fail a file, only to wait."""

@@ -20,11 +20,12 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from uploader.config import RedisConfig
@@ -36,6 +37,8 @@ log = structlog.get_logger("uploader.progress")
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
+RECENT_JOBS = 500  # finished jobs listed for operators, newest first
+FAILED_JOBS = 10_000  # failed jobs kept for `uploader failed` and `retry`
 
 # KEYS: the job's hash, its applied-batch hash. ARGV: writer, sequence, now, then the counts.
 _ADD_COUNTS = """
@@ -50,6 +53,56 @@ end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 return 1
 """
+
+# Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
+# whole seconds, and each daemon reads it with its own clock.
+SAME_DELIVERY_SLACK = 5
+
+# KEYS: the job's hash, marks, applied batches, failed reasons, directory walk digests.
+# ARGV: worker, now, total ('' if unknown), beanstalkd address, job id, put time, tube, slack.
+# Returns 'fresh' (a new run of a finished job's ID), 'resume', or 'cancelled' (the same
+# delivery of a run that was cancelled: it stays cancelled).
+_START = """
+local h = KEYS[1]
+local mode = 'resume'
+if redis.call('HEXISTS', h, 'finished_at') == 1 then
+  local was = redis.call('HMGET', h, 'beanstalkd', 'beanstalk_job', 'put_at', 'state')
+  local put = tonumber(was[3] or '')
+  local same = ARGV[4] ~= '' and was[1] == ARGV[4] and was[2] == ARGV[5] and put ~= nil
+    and math.abs(put - tonumber(ARGV[6])) <= tonumber(ARGV[8])
+  if not same then
+    mode = 'fresh'
+  elseif was[4] == 'cancelled' then
+    return 'cancelled'
+  end
+end
+if mode == 'fresh' then
+  redis.call('DEL', h, KEYS[2], KEYS[3], KEYS[5])
+end
+redis.call('HSET', h, 'state', 'running', 'worker', ARGV[1], 'updated_at', ARGV[2], 'failed', 0)
+if ARGV[3] ~= '' then redis.call('HSET', h, 'total', ARGV[3]) end
+if ARGV[4] ~= '' then
+  redis.call('HSET', h, 'beanstalkd', ARGV[4], 'beanstalk_job', ARGV[5], 'put_at', ARGV[6], 'tube', ARGV[7])
+end
+for _, name in ipairs({'uploaded', 'skipped', 'bytes'}) do redis.call('HSETNX', h, name, 0) end
+redis.call('HSETNX', h, 'started_at', ARGV[2])
+redis.call('HDEL', h, 'finished_at')
+redis.call('DEL', KEYS[4])
+for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
+return mode
+"""
+
+Start = Literal["fresh", "resume", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Which beanstalkd job carries a run: a job ID's runs are told apart by it."""
+
+    address: str
+    job: int
+    put_at: float
+    tube: str
 
 
 @dataclass(slots=True)
@@ -110,6 +163,7 @@ class Progress:
         # Names this process's batch numbers; a restarted process (same pid or not) starts anew.
         self._writer = f"{worker}:{secrets.token_hex(4)}"
         self._add_counts = redis.register_script(_ADD_COUNTS)
+        self._start_script = redis.register_script(_START)
         self._sequence = 0
         self._unsent: list[tuple[int, dict[str, _Pending]]] = []
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -210,30 +264,29 @@ class Progress:
                 raise BadJobError(f"{key} is a Redis {found_kind}, where the daemon keeps this job's "
                                   "progress: delete it or use another job ID")
 
-    async def start(self, job_id: str, total: int | None) -> None:
-        """Mark a job running. Failures of an earlier run are forgotten: they are retried now."""
-        key = self._keys.job(job_id)
+    async def start(self, job_id: str, total: int | None, delivery: Delivery | None = None) -> Start:
+        """Mark a job running, in one script that also decides whose run this is.
+
+        A job ID may be used again once its run has finished: a delivery other than the one
+        that ran it last (another beanstalkd job, or the same id put at another time) starts
+        afresh, with counters, marks and reasons of the old run gone. The same delivery again
+        (a crash, a drain, a TTR lapse, a kick) resumes from the marks. Failures of an earlier
+        run are forgotten either way: they are retried now.
+        """
         now = int(time.time())
-        fields: dict[FieldT, EncodableT] = {
-            "state": "running",
-            "worker": self._worker,
-            "updated_at": now,
-            "failed": 0,
-        }
-        if total is not None:
-            fields["total"] = total
-
-        async def call() -> None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hset(key, mapping=fields)
-                pipe.hsetnx(key, "started_at", now)
-                pipe.hdel(key, "finished_at")
-                pipe.delete(self._keys.failed(job_id))
-                for k in (key, self._keys.marks(job_id), self._keys.applied(job_id)):
-                    pipe.persist(k)
-                await pipe.execute()
-
-        await until_done(call, "start job")
+        who = ("", "", "", "") if delivery is None else (
+            delivery.address, str(delivery.job), str(int(delivery.put_at)), delivery.tube
+        )
+        keys = [
+            self._keys.job(job_id),
+            self._keys.marks(job_id),
+            self._keys.applied(job_id),
+            self._keys.failed(job_id),
+            self._keys.walk(job_id),
+        ]
+        args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK]
+        mode = await until_done(lambda: self._start_script(keys=keys, args=args), "start job")
+        return cast(Start, text(mode) if isinstance(mode, bytes | str) else "resume")
 
     async def set_total(self, job_id: str, total: int) -> None:
         await until_done(lambda: self._redis.hset(self._keys.job(job_id), "total", total), "set total")
@@ -269,9 +322,12 @@ class Progress:
                     self._keys.failed(job_id),
                     self._keys.marks(job_id),
                     self._keys.applied(job_id),
-                    self._keys.cancel(job_id),
+                    self._keys.walk(job_id),
                 ):
                     pipe.expire(k, ttl)
+                # The flag was for this run, whether it saw it or not: never for a later one.
+                pipe.delete(self._keys.cancel(job_id))
+                self._index(pipe, job_id, state, now)
                 result: list[object] = await pipe.execute()
                 return result
 
@@ -292,6 +348,21 @@ class Progress:
             "bytes": count("bytes"),
             "seconds": round(seconds, 3),
         }
+
+    def _index(self, pipe: Pipeline, job_id: str, state: State, now: int) -> None:
+        """Keep the bounded lists of finished and failed jobs that operators read (`/jobs`,
+        `uploader failed`): newest first, trimmed by count and by age, expiring when idle."""
+        ttl = self._config.progress_ttl
+        lists = [(self._keys.finished_jobs, RECENT_JOBS)]
+        if state == "failed":
+            lists.append((self._keys.failed_jobs, FAILED_JOBS))
+        else:
+            pipe.zrem(self._keys.failed_jobs, job_id)
+        for name, keep in lists:
+            pipe.zadd(name, {job_id: now})
+            pipe.zremrangebyrank(name, 0, -keep - 1)
+            pipe.zremrangebyscore(name, "-inf", now - ttl)
+            pipe.expire(name, ttl)
 
     async def publish(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":"))

@@ -42,6 +42,10 @@ class Keys:
     def marks(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:done"
 
+    def walk(self, job_id: str) -> str:
+        """Digests of a directory entry's walked chunks: marks apply only to an unchanged walk."""
+        return f"{self.prefix}job:{job_id}:walk"
+
     def applied(self, job_id: str) -> str:
         """Which progress batches each writer has applied: makes a resent batch a no-op."""
         return f"{self.prefix}job:{job_id}:applied"
@@ -52,6 +56,16 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.prefix}events"
+
+    @property
+    def failed_jobs(self) -> str:
+        """Jobs whose last run finished `failed` (buried): score finished_at, member the ID."""
+        return f"{self.prefix}jobs:failed"
+
+    @property
+    def finished_jobs(self) -> str:
+        """The most recently finished jobs, whatever their state: score finished_at."""
+        return f"{self.prefix}jobs:finished"
 
 
 def connect(url: str, decode: bool = False) -> aioredis.Redis:

@@ -23,8 +23,9 @@ import structlog
 from uploader.aimd import Aimd
 from uploader.beanstalk import BeanstalkError, ConnectionLost, NotFound
 from uploader.config import Config, UploadConfig
-from uploader.errors import BadJobError, FileError, PermanentFileError
+from uploader.errors import BadJobError, FileError, PermanentFileError, StoreUnavailableError
 from uploader.files import Root, locate, open_source
+from uploader.health import Health
 from uploader.limits import ByteBudget, Slots
 from uploader.manifest import (
     BadEntry,
@@ -38,10 +39,10 @@ from uploader.manifest import (
     parse_entry,
 )
 from uploader.metrics import Metrics
-from uploader.progress import Counts, Outcome, Progress, State
+from uploader.progress import Counts, Delivery, Outcome, Progress, State
 from uploader.ratelimit import RateLimiter
 from uploader.redisio import Keys, until_done
-from uploader.retry import RetryPolicy
+from uploader.retry import RetryPolicy, backoff_delays
 from uploader.source import HeldJob, Source
 from uploader.stores.base import PutRequest, PutResult, Store, already_stored
 from uploader.walk import DirectoryExpander
@@ -54,6 +55,9 @@ _Put = Callable[[bytes], Awaitable[int]]
 CANCEL_POLL = 1.0  # seconds between checks of a job's cancel key
 DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
 CONTENT_TYPE_CACHE = 4096  # distinct file-name extensions whose guessed type is remembered
+STORE_PROBE_FIRST = 0.5  # seconds before the first re-check of a store that refused writes
+STORE_PROBE_CAP = 30.0  # seconds between checks at the most
+STORE_PROBE_TIMEOUT = 10.0  # seconds one check may take
 
 
 class JobRun:
@@ -76,15 +80,28 @@ class JobRun:
         self.cancelled = False
         self.lost = False
         self.draining = False
+        self.paused = False  # the store is down: in-flight uploads end, then the job goes back
+        self.unsettled = 0  # entries taken whose upload ended with no outcome (cut, store down)
         self.idle = asyncio.Event()
         self.started = time.monotonic()
 
     @property
     def complete(self) -> bool:
-        return self.loaded and not self.pending and self.next_page is None and self.inflight == 0
+        return (
+            self.loaded
+            and not self.pending
+            and self.next_page is None
+            and self.inflight == 0
+            and self.unsettled == 0
+        )
+
+    @property
+    def stopped(self) -> bool:
+        """No more files are handed out: cancelled, lost, draining or paused."""
+        return self.cancelled or self.lost or self.draining or self.paused
 
     def take(self) -> Entry | None:
-        if self.draining or self.cancelled or self.lost:
+        if self.stopped:
             return None
         if not self.pending and self.next_page is not None:
             self.pending.extend(self.next_page)
@@ -93,16 +110,17 @@ class JobRun:
         return self.pending.popleft() if self.pending else None
 
     def stop(self, why: str) -> None:
-        """Stop handing out files; in-flight ones finish. `why`: cancelled, lost or draining."""
+        """Stop handing out files; in-flight ones finish. `why`: cancelled, lost, draining or
+        paused (the last two keep what is pending: the job goes back and resumes)."""
         setattr(self, why, True)
-        if why != "draining":
+        if why not in ("draining", "paused"):
             self.pending.clear()
             self.next_page = None
         self.want_page.set()
         self.check_idle()
 
     def check_idle(self) -> None:
-        if self.inflight == 0 and (self.complete or self.cancelled or self.lost or self.draining):
+        if self.inflight == 0 and (self.complete or self.stopped):
             self.idle.set()
 
 
@@ -130,6 +148,7 @@ class Scheduler:
         metrics: Metrics,
         completions: CompletionSink,
         retry: RetryPolicy | None = None,
+        health: Health | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -138,6 +157,7 @@ class Scheduler:
         self.progress = progress
         self.metrics = metrics
         self.completions = completions
+        self.health = health or Health()
         self.keys = Keys(config.redis.key_prefix)
         self.retry = retry or RetryPolicy(config.upload.retry)
         self.roots = tuple(Root.of(r) for r in config.upload.allowed_roots)
@@ -155,6 +175,8 @@ class Scheduler:
         self._no_jobs = asyncio.Event()
         self._no_jobs.set()
         self._tg: asyncio.TaskGroup | None = None
+        self._store_watch: asyncio.Task[None] | None = None
+        self._store_probe: asyncio.Future[str | None] | None = None
         self.draining = False
         metrics.slots.set(config.upload.concurrency)
         # Read at scrape time: no gauge lock taken twice per file.
@@ -169,16 +191,20 @@ class Scheduler:
             self._tg = tg
             flusher = tg.create_task(self.progress.run(), name="progress-flusher")
             reservers = [
-                tg.create_task(self.source.reserve_forever(a, self.room, self._accept), name=f"reserve {a}")
+                tg.create_task(
+                    self.source.reserve_forever(a, self.room, self._accept, self.health.wait_clear),
+                    name=f"reserve {a}",
+                )
                 for a in self.config.source.addresses
             ]
             dispatcher = tg.create_task(self._dispatch(), name="dispatcher")
+            self._store_watch = tg.create_task(self._watch_store(), name="store check")
             await stop.wait()
 
             # Phase 1: take no new jobs and start no new files.
             self.draining = True
             self.metrics.draining.set(1)
-            for task in (*reservers, dispatcher):
+            for task in (*reservers, dispatcher, self._store_watch):
                 task.cancel()
             for run in self.runs.values():
                 run.stop("draining")
@@ -246,6 +272,12 @@ class Scheduler:
         except BadJobError as exc:
             await self._refuse(held, exc)
             return
+        if self.draining or not self.health.ok:
+            # Taken in the instant the daemon stopped taking work: back at once, untouched.
+            log.info("job_returned", job_id=spec.id, beanstalk_job=held.id,
+                     reason="draining" if self.draining else self.health.describe())
+            await self._settle_with_beanstalk(held, self.source.release)
+            return
         if spec.id in self.runs:
             log.warning("job_already_running", job_id=spec.id, beanstalk_job=held.id)
             await self._settle_with_beanstalk(held, lambda h: self.source.release(h, DUPLICATE_DELAY))
@@ -257,8 +289,6 @@ class Scheduler:
         )
         run = JobRun(held, spec, manifest)
         self.runs[run.id] = run
-        if self.draining:  # accepted in the same turn as the stop signal: release it at once
-            run.stop("draining")
         self.metrics.active_jobs.inc()
         try:
             with structlog.contextvars.bound_contextvars(job_id=run.id):
@@ -298,17 +328,23 @@ class Scheduler:
         except BadJobError as exc:
             await self._refuse(run.held, exc)
             return
+        delivery = Delivery(run.held.address, run.held.id, run.held.put_at, run.held.tube)
         try:
             run.total = await run.manifest.length()
         except BadJobError as exc:
-            await self.progress.start(run.id, 0)
+            await self.progress.start(run.id, 0, delivery)
             await self.progress.fail_job(run.id, "<files list>", str(exc))
             log.error("job_failed", reason=str(exc))
             run.loaded = True
             await self._finish(run)
             return
-        await self.progress.start(run.id, run.total)
-        log.info("job_started", total=run.total, tube=run.held.tube, beanstalk_job=run.held.id)
+        mode = await self.progress.start(run.id, run.total, delivery)
+        if mode == "cancelled":  # this very delivery was cancelled before: it stays so
+            run.loaded = True
+            run.stop("cancelled")
+            await self._finish(run)
+            return
+        log.info("job_started", total=run.total, tube=run.held.tube, beanstalk_job=run.held.id, run=mode)
         self._ring.append(run)
         self._wake.set()
         try:
@@ -403,7 +439,7 @@ class Scheduler:
         try:
             while True:
                 await run.want_page.wait()
-                if run.cancelled or run.lost or run.draining:
+                if run.stopped:
                     return
                 page = await run.manifest.page(start, size)
                 if page.cancelled:
@@ -423,7 +459,7 @@ class Scheduler:
                 start += len(page.entries)
                 if dirs is not None:
                     entries = await self._expand(run, dirs, entries)
-                    if run.cancelled or run.lost or run.draining:
+                    if run.stopped:
                         return
                 if entries:
                     run.next_page = entries
@@ -463,14 +499,14 @@ class Scheduler:
                         if not batch:
                             continue
                         await run.want_page.wait()
-                        if run.cancelled or run.lost or run.draining:
+                        if run.stopped:
                             return []
                         run.next_page = batch
                         run.want_page.clear()
                         self._wake.set()
                     plain = []
                     await run.want_page.wait()  # taken: only now is the next chunk made
-                    if run.cancelled or run.lost or run.draining:
+                    if run.stopped:
                         return []
         return plain
 
@@ -539,11 +575,21 @@ class Scheduler:
 
     async def _upload(self, run: JobRun, entry: Entry) -> None:
         started = time.monotonic()
+        settled = False
         try:
             outcome, nbytes, label, reason = await self._transfer(run, entry)
             self._record(run, entry.index, outcome, nbytes, label, reason)
+            settled = True
             self.metrics.upload_seconds.observe(time.monotonic() - started)
+        except StoreUnavailableError as exc:
+            if exc.per_key and await self._store_answers():
+                self._record(run, entry.index, "failed", 0, entry.path, exc.reason)
+                settled = True
+            else:
+                self.store_down(exc.reason)
         finally:
+            if not settled:  # cut by the drain or the store: not counted, uploaded on resume
+                run.unsettled += 1
             run.inflight -= 1
             self.slots.release()
             run.check_idle()
@@ -609,6 +655,8 @@ class Scheduler:
             )
 
         result, attempts = await self.retry.run(attempt, retrying)
+        if isinstance(attempts.error, StoreUnavailableError):
+            raise attempts.error
         if attempts.error is not None:
             return "failed", 0, label, attempts.error.reason
         assert result is not None
@@ -639,6 +687,42 @@ class Scheduler:
         if (problem := key_problem(key)) is not None:
             raise PermanentFileError(f"key template gives a bad key {key!r}: {problem}")
         return key
+
+    # --- the store's health ---
+
+    def store_down(self, reason: str) -> None:
+        """The store refuses writes: take no work, send every held job back with its progress
+        saved (another instance, or this one later, resumes it), and probe until it is back."""
+        self.health.fail("store", reason)
+        for run in self.runs.values():
+            if not run.stopped:
+                run.stop("paused")
+        if self._store_watch is None or self._store_watch.done():
+            assert self._tg is not None
+            self._store_watch = self._tg.create_task(self._watch_store(), name="store check")
+
+    async def _store_answers(self) -> bool:
+        """One probe of the store, shared by every upload that asks at the same time."""
+        if self._store_probe is None or self._store_probe.done():
+            self._store_probe = asyncio.ensure_future(self._probe_store())
+        return await asyncio.shield(self._store_probe) is None
+
+    async def _probe_store(self) -> str | None:
+        """None when the store answers its check, else why not."""
+        try:
+            async with asyncio.timeout(STORE_PROBE_TIMEOUT):
+                await self.store.check()
+        except Exception as exc:  # noqa: BLE001 - whatever the probe met is the reason shown
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def _watch_store(self) -> None:
+        """Probe the store with backoff until it answers; then work is taken again."""
+        delays = backoff_delays(STORE_PROBE_FIRST, STORE_PROBE_CAP)
+        while (problem := await self._probe_store()) is not None:
+            self.health.fail("store", problem)
+            await asyncio.sleep(next(delays))
+        self.health.recover("store")
 
     # --- live reconfiguration ---
 

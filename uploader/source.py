@@ -16,6 +16,7 @@ With one tube, or equal weights, there is only the blocking reserve: no extra ro
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ class HeldJob:
     priority: int
     ttr: int
     weight: int = 1
+    address: str = ""
+    put_at: float = 0.0  # Unix time of the producer's put, from beanstalkd's `age` of the job
     _done: bool = field(default=False, repr=False)
 
     @property
@@ -125,9 +128,14 @@ class Source:
             return conn
 
     async def reserve_forever(
-        self, address: str, room: asyncio.Semaphore, on_job: Callable[[HeldJob], Awaitable[None]]
+        self,
+        address: str,
+        room: asyncio.Semaphore,
+        on_job: Callable[[HeldJob], Awaitable[None]],
+        clear: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Reserve a job whenever there is room for one, hand it over, repeat until cancelled.
+        """Reserve a job whenever there is room for one (and `clear` returns: no outage keeps
+        the daemon from working), hand it over, repeat until cancelled.
 
         Cancelling this coroutine closes the connection it was reserving on, so a job the server
         handed out in that instant goes back to ready rather than being stranded.
@@ -136,15 +144,17 @@ class Source:
             await room.acquire()
             handed_over = False
             try:
-                job = await self._reserve_one(address)
+                job = await self._reserve_one(address, clear)
                 handed_over = True
                 await on_job(job)
             finally:
                 if not handed_over:
                     room.release()
 
-    async def _reserve_one(self, address: str) -> HeldJob:
+    async def _reserve_one(self, address: str, clear: Callable[[], Awaitable[None]] | None) -> HeldJob:
         while True:
+            if clear is not None:
+                await clear()
             job = await (self._reserve_weighted(address) if self._weighted else self._reserve(address))
             if job is not None:
                 return job
@@ -196,6 +206,8 @@ class Source:
             priority=int(stats.get("pri", DEFAULT_PRIORITY)),
             ttr=max(1, int(stats.get("ttr", 60))),
             weight=self._weights.get(name, 1),
+            address=address,
+            put_at=time.time() - int(stats.get("age", 0)),
         )
 
     def touch_interval(self, job: HeldJob) -> float:

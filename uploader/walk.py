@@ -227,7 +227,7 @@ class DirectoryExpander:
     ) -> None:
         self._redis = redis
         self._marks = keys.marks(job_id)
-        self._walk_key = f"{keys.job(job_id)}:walk"
+        self._walk_key = keys.walk(job_id)
         self._length = length
         self._next = length
         self._page = max(1, page_size)

@@ -48,6 +48,7 @@ class Api:
         probes: Mapping[str, Probe],
         active_jobs: Callable[[], list[dict[str, object]]],
         draining: Callable[[], bool],
+        paused: Callable[[], Mapping[str, str]] = dict,
         redis: aioredis.Redis,
         keys: Keys,
         token: str = "",
@@ -56,6 +57,7 @@ class Api:
         self.probes = probes
         self.active_jobs = active_jobs
         self.draining = draining
+        self.paused = paused
         self.redis = redis
         self.keys = keys
         self.token = token.encode()
@@ -103,8 +105,9 @@ class Api:
             for name, problem in results.items()
         }
         draining = self.draining()
-        ready = not draining and all(problem is None for problem in results.values())
-        body = {"ready": ready, "draining": draining, "checks": checks}
+        paused = dict(self.paused())
+        ready = not draining and not paused and all(problem is None for problem in results.values())
+        body = {"ready": ready, "draining": draining, "paused": paused, "checks": checks}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

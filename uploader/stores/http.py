@@ -23,6 +23,7 @@ from uploader.errors import (
     FileError,
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     ThrottledError,
     TransientFileError,
 )
@@ -47,10 +48,17 @@ def _one_line(text: str) -> str:
     return text if len(text) <= EXCERPT else text[: EXCERPT - 3] + "..."
 
 
-def status_error(status: int, reason: str, excerpt: str) -> FileError:
-    """The error for a non-2xx answer: 408/429/5xx are worth a retry, other 4xx are not."""
+def status_error(status: int, reason: str, excerpt: str, presigned: bool = False) -> FileError:
+    """The error for a non-2xx answer: 408/429/5xx are worth a retry, other 4xx are not.
+
+    401 and 507 say the store refuses every write (our credentials, its space): an outage. A
+    403 from the configured server may be the key's alone: the scheduler asks the store's
+    probe. A 403 for an entry's presigned URL is that URL's own (expired, or signed for
+    another object): the file fails."""
     head = f"http: {status} {reason}".rstrip()
     text = f"{head}: {excerpt}" if excerpt else head
+    if status in (401, 507) or (status == 403 and not presigned):
+        return StoreUnavailableError(text, per_key=status == 403)
     if status in THROTTLE_STATUSES:
         return ThrottledError(text)
     if status == 408 or status >= 500:
@@ -234,7 +242,9 @@ class HttpStore:
                 allow_redirects=False,
             ) as response:
                 if not 200 <= response.status < 300:
-                    raise status_error(response.status, response.reason or "", await _excerpt(response))
+                    raise status_error(
+                        response.status, response.reason or "", await _excerpt(response), bool(request.url)
+                    )
         except Exception as exc:
             # A failure reading the file surfaces from aiohttp as whatever it wrapped it in.
             cause = failure[0] if failure else exc

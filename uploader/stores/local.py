@@ -25,6 +25,7 @@ from uploader.errors import (
     FileError,
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     TransientFileError,
 )
 from uploader.files import INLINE_READ_LIMIT, SourceFile
@@ -45,15 +46,18 @@ INLINE_PUT_LIMIT = INLINE_READ_LIMIT
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_TRANSIENT_REASONS = {
+# The store itself refuses writes: no file is to blame, and the daemon waits for the store.
+_OUTAGE_REASONS = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+_TRANSIENT_REASONS = {
     errno.EIO: "I/O error",
 }
 _PERMANENT_REASONS = {
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
     errno.EISDIR: "the key names an existing directory",
     errno.ENOTDIR: "a parent of the key is not a directory",
     errno.ELOOP: "a symlink in the key's path was refused",
@@ -90,11 +94,36 @@ def split_key(key: str) -> list[str]:
 def translate_os_error(exc: OSError, key: str) -> FileError:
     """One-line, human reason for an OSError met while storing `key`."""
     code = exc.errno or 0
+    if code in _OUTAGE_REASONS:
+        # Permission may be refused below the root alone; space and a read-only mount never are.
+        per_key = code in (errno.EACCES, errno.EPERM)
+        return StoreUnavailableError(f"local store: {_OUTAGE_REASONS[code]}", per_key)
     if code in _TRANSIENT_REASONS:
         return TransientFileError(f"local store: {_TRANSIENT_REASONS[code]}")
     if code in _PERMANENT_REASONS:
         return PermanentFileError(f"local store: {_PERMANENT_REASONS[code]}: {key!r}")
     return TransientFileError(f"local store: {exc.strerror or exc} (errno {code}) for {key!r}")
+
+
+PROBE_BYTES = 4096  # one block: a full file system refuses it, where an empty file may pass
+
+
+def _write_probe(root: str) -> None:
+    """Write and remove a block-sized file in the root: what a put needs, short of a key.
+
+    `os.access` is not enough: root passes it on a read-only mount, and a full disk still
+    answers yes."""
+    name = os.path.join(root, f".uploader-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = os.open(name, _TMP_FLAGS, 0o600)
+        try:
+            os.write(fd, bytes(PROBE_BYTES))
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as exc:
+        reason = _OUTAGE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+        raise InfrastructureError(f"local store: cannot write to root {root!r}: {reason}") from None
 
 
 def _under(path: str, root: str) -> bool:
@@ -138,8 +167,7 @@ class LocalStore:
                 ) from None
             if not stat.S_ISDIR(st.st_mode):
                 raise InfrastructureError(f"local store: root {self.root!r} is not a directory")
-            if not os.access(self.root, os.W_OK | os.X_OK):
-                raise InfrastructureError(f"local store: root {self.root!r} is not writable")
+            _write_probe(self.root)
 
         await asyncio.to_thread(probe)
 

@@ -36,6 +36,7 @@ from uploader.errors import (
     FileError,
     InfrastructureError,
     PermanentFileError,
+    StoreUnavailableError,
     ThrottledError,
     TransientFileError,
 )
@@ -59,6 +60,22 @@ TRANSIENT_CODES = frozenset(
         "RequestExpired",
         # Two conditional writes of one key at once: S3 asks to retry the loser.
         "ConditionalRequestConflict",
+    }
+)
+# The bucket refuses every write, whichever the file: a missing bucket, refused or expired
+# credentials, a disabled account. An outage: the daemon waits for it, no file fails.
+OUTAGE_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "RequestTimeTooSkewed",
     }
 )
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
@@ -99,11 +116,15 @@ def classify_s3_error(exc: BaseException) -> FileError | None:
         head = f"s3: {code} ({status})" if status else f"s3: {code}"
         if code in THROTTLE_CODES or status in (429, 503):
             return ThrottledError(head)
+        if code in OUTAGE_CODES or status in (401, 403):
+            # A bucket policy may deny one prefix: AccessDenied alone is asked of the probe.
+            per_key = code not in OUTAGE_CODES or code == "AccessDenied"
+            return StoreUnavailableError(f"{head}: {message}" if message else head, per_key)
         if code in TRANSIENT_CODES or status >= 500 or status == 0:
             return TransientFileError(f"{head}: {message}" if message else head)
         return PermanentFileError(f"{head}: {message}" if message else head)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return PermanentFileError("s3: no usable credentials found")
+        return StoreUnavailableError("s3: no usable credentials found")
     if isinstance(exc, ParamValidationError):
         return PermanentFileError(f"s3: invalid request: {_one_line(exc)}")
     if isinstance(exc, BotoConnectionError | HTTPClientError):
@@ -199,7 +220,11 @@ class S3Store:
             await self._client.head_bucket(Bucket=c.bucket)
         except ClientError as exc:
             code, status, _ = _client_error_parts(exc)
-            if 400 <= status < 500 and status not in (408, 429):
+            if status in (403, 404) or code in OUTAGE_CODES:
+                # Missing or refused now, perhaps not in a minute (a bucket being created, a
+                # policy being fixed): an outage that readiness reports, not a fatal error.
+                log.warning("store_unavailable", reason=self._refusal(code, status))
+            elif 400 <= status < 500 and status not in (408, 429):
                 await self.close()
                 raise ConfigError(self._refusal(code, status)) from None
         except (NoCredentialsError, PartialCredentialsError):

@@ -1,0 +1,60 @@
+"""Why the daemon takes no new work right now: each cause by name, with a one-line reason.
+
+Redis not answering, or a store that refuses writes, is an outage, never a bad file: while any
+cause is present nothing is reserved, and `/readyz` and sd_notify STATUS say why. Each cause
+is logged once when it starts and once when it ends, however often it is seen meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("uploader.health")
+
+UNCHECKED = "not checked yet"
+
+
+class Health:
+    def __init__(self, *causes: str, on_change: Callable[[], None] | None = None) -> None:
+        # Causes named here start present: nothing is reserved before they are proven fine.
+        self._causes: dict[str, str] = dict.fromkeys(causes, UNCHECKED)
+        self._clear = asyncio.Event()
+        if not self._causes:
+            self._clear.set()
+        self.on_change = on_change
+
+    @property
+    def ok(self) -> bool:
+        return not self._causes
+
+    def reasons(self) -> dict[str, str]:
+        return dict(self._causes)
+
+    def fail(self, cause: str, reason: str) -> None:
+        before = self._causes.get(cause)
+        self._causes[cause] = reason
+        self._clear.clear()
+        if before is None or before == UNCHECKED:
+            log.warning("taking_no_work", cause=cause, reason=reason)
+        if before != reason and self.on_change is not None:
+            self.on_change()
+
+    def recover(self, cause: str) -> None:
+        before = self._causes.pop(cause, None)
+        if before is None:
+            return
+        if not self._causes:
+            self._clear.set()
+        if before != UNCHECKED:
+            log.info("taking_work_again", cause=cause, after=before)
+        if self.on_change is not None:
+            self.on_change()
+
+    async def wait_clear(self) -> None:
+        await self._clear.wait()
+
+    def describe(self) -> str:
+        return "; ".join(f"{cause} ({reason})" for cause, reason in self._causes.items())
