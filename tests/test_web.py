@@ -193,6 +193,6 @@ async def test_jobs_lists_active_jobs_and_the_tube_gauge_counts_waiting_ones(
             assert (await env.wait_final(job_id))["state"] == "done"
 
         async def none_active() -> bool:
-            return bool((await get(http, f"{base}/jobs"))[1] == {"jobs": []})
+            return bool((await get(http, f"{base}/jobs"))[1]["jobs"] == [])
 
         await wait_until(none_active, what="no active jobs")

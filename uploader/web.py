@@ -27,7 +27,9 @@ log = structlog.get_logger("uploader.web")
 PROBE_TIMEOUT = 0.9  # seconds per readiness probe; they run concurrently
 MAX_FAILURES = 100  # failure reasons returned by /jobs/{id}
 _COUNTERS = ("total", "uploaded", "skipped", "failed", "bytes")
-_INT_FIELDS = frozenset({*_COUNTERS, "started_at", "updated_at", "finished_at"})
+_INT_FIELDS = frozenset({*_COUNTERS, "started_at", "updated_at", "finished_at", "beanstalk_job", "put_at"})
+HISTORY_JOBS = 50  # finished and failed jobs listed by /jobs, each
+_LISTED_FIELDS = ("state", *_COUNTERS, "tube", "worker", "started_at", "finished_at")
 
 Probe = Callable[[], Awaitable[object]]
 """Raises (or times out) when the dependency is not usable."""
@@ -115,7 +117,34 @@ class Api:
         return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
 
     async def jobs(self, request: web.Request) -> web.Response:
-        return web.json_response({"jobs": self.active_jobs()})
+        """Jobs held here now, and the fleet's recently finished and failed ones (from Redis,
+        newest first, HISTORY_JOBS of each: bounded work whatever the number of jobs)."""
+        body: dict[str, object] = {"jobs": self.active_jobs()}
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 2):
+                body["finished"] = await self._listed(self.keys.finished_jobs)
+                body["failed"] = await self._listed(self.keys.failed_jobs)
+        except _READ_ERRORS as exc:
+            body["history_error"] = f"redis unavailable: {exc or type(exc).__name__}"
+        return web.json_response(body)
+
+    async def _listed(self, index: str) -> list[dict[str, object]]:
+        ids = [text(cast(bytes, i)) for i in await self.redis.zrevrange(index, 0, HISTORY_JOBS - 1)]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), _LISTED_FIELDS)
+            rows = await pipe.execute()
+        listed: list[dict[str, object]] = []
+        for job_id, values in zip(ids, rows, strict=True):
+            if values[0] is None:  # its progress expired: the index outlived it
+                continue
+            fields = {
+                k: _field(k, text(v)) for k, v in zip(_LISTED_FIELDS, values, strict=True) if v is not None
+            }
+            listed.append({"id": job_id, **fields})
+        return listed
 
     async def job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["id"]
@@ -129,10 +158,10 @@ class Api:
             return error(503, "redis_unavailable", str(exc) or type(exc).__name__)
         if not raw:
             return error(404, "not_found", f"no job {job_id!r} (unknown, or its progress expired)")
-        # Counters are written only once non-zero: default them, so the shape is stable.
+        # Hashes written before counters started at 0 lack some: default them, a stable shape.
         fields: dict[str, object] = dict.fromkeys(_COUNTERS, 0)
         for k, v in text_map(raw).items():
-            fields[k] = int(v) if k in _INT_FIELDS and v.lstrip("-").isdigit() else v
+            fields[k] = _field(k, v)
         return web.json_response(
             {"id": job_id, **fields, "failures": failures, "failures_truncated": truncated}
         )
@@ -150,6 +179,10 @@ class Api:
                 found[text(k)] = text(v)
             if cursor == 0:
                 return found, False
+
+
+def _field(name: str, value: str) -> object:
+    return int(value) if name in _INT_FIELDS and value.lstrip("-").isdigit() else value
 
 
 async def probe_all(probes: Mapping[str, Probe]) -> dict[str, str | None]:
