@@ -5,26 +5,54 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import Env, wait_until
+from uploader import cli, devservers
 
 
-async def uploader(env: Env, *args: str, config: bool = True) -> tuple[int, str, str]:
-    argv = [sys.executable, "-m", "uploader.cli", *args]
+def cli_config(env: Env, beanstalkd: str | None = None, redis_url: str | None = None) -> Path:
+    path = env.tmp_path / "cli.toml"
+    path.write_text(
+        f'[source]\naddress = "{beanstalkd or env.beanstalkd}"\ntubes = ["{env.tube}"]\n'
+        f'completion_tube = "{env.done_tube}"\n'
+        f'[redis]\nurl = "{redis_url or env.redis_url}"\nkey_prefix = "{env.prefix}"\n'
+    )
+    return path
+
+
+async def uploader(
+    env: Env,
+    *args: str | bytes,
+    config: bool = True,
+    beanstalkd: str | None = None,
+    redis_url: str | None = None,
+) -> tuple[int, str, str]:
+    argv: list[str | bytes] = [sys.executable, "-m", "uploader.cli", *args]
     if config:
-        path = env.tmp_path / "cli.toml"
-        path.write_text(
-            f'[source]\naddress = "{env.beanstalkd}"\ntubes = ["{env.tube}"]\n'
-            f'completion_tube = "{env.done_tube}"\n'
-            f'[redis]\nurl = "{env.redis_url}"\nkey_prefix = "{env.prefix}"\n'
-        )
-        argv[4:4] = ["--config", str(path)]
+        argv[4:4] = ["--config", str(cli_config(env, beanstalkd, redis_url))]
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
     assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return proc.returncode, out.decode(), err.decode("utf-8", "replace")
+
+
+def nowhere() -> str:
+    """An address where nothing listens: a port just bound and released."""
+    return f"127.0.0.1:{devservers.free_port()}"
+
+
+def one_line(err: str) -> str:
+    """The single stderr line a failed command prints; never a traceback."""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 async def test_enqueue_wait_shows_progress_until_done(env: Env) -> None:
@@ -58,15 +86,252 @@ async def test_status_prints_the_progress_hash_and_failures(env: Env) -> None:
     assert code == 1 and "no job" in err
 
 
-async def test_cancel_sets_the_contract_key(env: Env) -> None:
-    code, out, _ = await uploader(env, "cancel", f"c-{env.tag}")
-    assert code == 0 and "cancel requested" in out
-    assert await wait_until(lambda: env.redis.get(env.keys.cancel(f"c-{env.tag}")), 5, "cancel key") == b"1"
-
-
 async def test_check_config_names_file_key_and_value(env: Env) -> None:
     bad = env.tmp_path / "bad.toml"
     bad.write_text("[upload]\nconcurrency = 0\n")
     code, out, err = await uploader(env, "check-config", str(bad), config=False)
     assert code == 2 and out == ""
     assert err.strip() == f"uploader: {bad}: [upload].concurrency must be >= 1, got 0"
+
+
+# --- failures: one line, an exit status that says which kind, nothing half-written ---
+
+
+async def test_enqueue_with_beanstalkd_down_fails_fast_and_writes_nothing(env: Env) -> None:
+    job_id = f"bd-{env.tag}"
+    address = nowhere()
+    path = str(env.write_files(1)[0])
+    started = time.monotonic()
+
+    code, out, err = await uploader(env, "enqueue", "--job", job_id, path, beanstalkd=address)
+
+    assert time.monotonic() - started < 10
+    assert (code, out) == (3, "")
+    assert one_line(err) == f"uploader: cannot connect to beanstalkd at {address}: Connection refused"
+    assert not await env.redis.exists(env.keys.files(job_id), env.keys.job(job_id))
+
+
+@pytest.mark.parametrize("command", ["status", "enqueue", "cancel"])
+async def test_redis_down_is_one_line_naming_the_server(env: Env, command: str) -> None:
+    url = f"redis://{nowhere()}/0"
+    args = [command, f"rd-{env.tag}"] if command != "enqueue" else [command, str(env.write_files(1)[0])]
+    started = time.monotonic()
+
+    code, _, err = await uploader(env, *args, redis_url=url)
+
+    assert time.monotonic() - started < 10
+    assert code == 3
+    assert one_line(err) == f"uploader: Redis at {url} unreachable: Connection refused"
+
+
+async def test_enqueue_with_redis_down_puts_nothing_into_beanstalkd(env: Env) -> None:
+    code, _, _ = await uploader(
+        env, "enqueue", str(env.write_files(1)[0]), redis_url=f"redis://{nowhere()}/0"
+    )
+
+    assert code == 3
+    conn = await env.conn()
+    await conn.watch(env.tube)
+    assert await conn.reserve(timeout=0) is None
+
+
+async def test_enqueue_refuses_a_bad_job_id_before_writing(env: Env) -> None:
+    code, _, err = await uploader(env, "enqueue", "--job", "bad id!", str(env.write_files(1)[0]))
+
+    assert code == 2
+    assert one_line(err) == "uploader: 'bad id!' is not a job ID (1-200 of A-Z a-z 0-9 . _ : -)"
+    assert not await env.redis.exists(env.keys.files("bad id!"), env.keys.job("bad id!"))
+
+
+async def test_enqueue_refuses_a_file_name_that_is_not_utf8(env: Env) -> None:
+    job_id = f"u8-{env.tag}"
+    path = bytes(env.uploads) + b"/caf\xe9.txt"
+
+    code, _, err = await uploader(env, "enqueue", "--job", job_id, path)
+
+    assert code == 2
+    assert one_line(err) == f"uploader: {env.uploads}/caf\\xe9.txt: path is not valid UTF-8"
+    assert not await env.redis.exists(env.keys.files(job_id), env.keys.job(job_id))
+
+
+async def test_enqueue_refuses_a_path_the_daemon_would_refuse(env: Env) -> None:
+    job_id = f"nl-{env.tag}"
+    code, _, err = await uploader(env, "enqueue", "--job", job_id, str(env.uploads / "a\nb"))
+
+    assert code == 2
+    assert one_line(err).endswith("path contains a control character")
+    assert not await env.redis.exists(env.keys.files(job_id), env.keys.job(job_id))
+
+
+async def test_a_put_that_fails_removes_the_list_and_hash_it_wrote(env: Env) -> None:
+    job_id = f"too-big-for-this-server-{env.tag}"
+    small = devservers.beanstalkd(max_job_size=8).start()  # the job ID is too big for it
+    try:
+        code, _, err = await uploader(
+            env, "enqueue", "--job", job_id, str(env.uploads / "a"), beanstalkd=small.address
+        )
+    finally:
+        small.stop()
+
+    assert code == 1
+    assert one_line(err) == "uploader: beanstalkd refused: put: JOB_TOO_BIG"
+    assert not await env.redis.exists(env.keys.files(job_id), env.keys.job(job_id))
+
+
+async def test_a_usage_error_is_one_line_with_exit_2(env: Env) -> None:
+    code, _, err = await uploader(env, "enqueue", "--priority", "-1", "/x")
+
+    assert code == 2
+    assert one_line(err).startswith("uploader: argument --priority: must be 0 to 4294967295")
+
+
+# --- re-using a job ID ---
+
+
+async def test_enqueue_reuses_a_finished_id_and_resets_the_old_run(env: Env) -> None:
+    job_id = f"again-{env.tag}"
+    keys = env.keys
+    await env.redis.rpush(keys.files(job_id), "/old/a", "/old/b")
+    await env.redis.hset(
+        keys.job(job_id), mapping={"state": "failed", "total": 2, "failed": 2, "finished_at": 1}
+    )
+    await env.redis.hset(keys.failed(job_id), "/old/a", "file not found")
+    for key in (keys.marks(job_id), keys.applied(job_id), keys.cancel(job_id)):
+        await env.redis.set(key, "1")
+    path = str(env.write_files(1)[0])
+
+    code, out, err = await uploader(env, "enqueue", "--job", job_id, path)
+
+    assert code == 0, err
+    assert out.strip() == job_id
+    assert await env.redis.lrange(keys.files(job_id), 0, -1) == [path.encode()]
+    state = await env.state(job_id)
+    assert state.pop("updated_at").isdigit()
+    assert state == {"state": "queued", "total": "1"}
+    assert not await env.redis.exists(
+        keys.failed(job_id), keys.marks(job_id), keys.applied(job_id), keys.cancel(job_id)
+    )
+
+
+async def test_enqueue_wait_on_a_reused_id_reports_the_new_run(env: Env) -> None:
+    job_id = f"rerun-{env.tag}"
+    await env.redis.hset(
+        env.keys.job(job_id), mapping={"state": "failed", "total": 9, "failed": 9, "finished_at": 1}
+    )
+    paths = [str(p) for p in env.write_files(3)]
+    async with env.daemon(env.config()):
+        code, _, err = await uploader(env, "enqueue", "--job", job_id, "--wait", *paths)
+
+    assert code == 0, err
+    assert "3/3 files" in err and "done" in err
+
+
+async def test_enqueue_refuses_an_id_that_is_still_running(env: Env) -> None:
+    job_id = f"busy-{env.tag}"
+    await env.redis.rpush(env.keys.files(job_id), "/srv/a")
+    await env.redis.hset(env.keys.job(job_id), mapping={"state": "running", "worker": "h1:42"})
+
+    code, _, err = await uploader(env, "enqueue", "--job", job_id, str(env.uploads / "b"))
+
+    assert code == 1
+    assert one_line(err) == f"uploader: job {job_id} is running (worker h1:42); cancel it or use another ID"
+    assert await env.redis.lrange(env.keys.files(job_id), 0, -1) == [b"/srv/a"]
+
+
+# --- cancel ---
+
+
+async def test_cancel_of_a_queued_job_sets_a_flag_that_expires_with_progress(env: Env) -> None:
+    job_id = f"c-{env.tag}"
+    await env.redis.hset(env.keys.job(job_id), mapping={"state": "queued", "total": 1})
+    before = int(time.time())
+
+    code, out, err = await uploader(env, "cancel", job_id)
+
+    assert code == 0, err
+    assert out.strip() == f"cancel requested for {job_id}"
+    assert before <= int(await env.redis.get(env.keys.cancel(job_id))) <= time.time()
+    assert 0 < await env.redis.ttl(env.keys.cancel(job_id)) <= 7 * 24 * 3600
+
+
+async def test_cancel_of_a_job_put_but_not_started_is_accepted(env: Env) -> None:
+    job_id = f"cp-{env.tag}"
+    await env.redis.rpush(env.keys.files(job_id), "/srv/a")
+
+    code, _, err = await uploader(env, "cancel", job_id)
+
+    assert code == 0, err
+    assert await env.redis.exists(env.keys.cancel(job_id))
+
+
+async def test_cancel_of_a_finished_job_exits_1(env: Env) -> None:
+    job_id = f"cd-{env.tag}"
+    await env.redis.hset(env.keys.job(job_id), mapping={"state": "done", "finished_at": 1})
+
+    code, _, err = await uploader(env, "cancel", job_id)
+
+    assert code == 1
+    assert one_line(err) == f"uploader: job {job_id} is not queued or running (state done)"
+    assert not await env.redis.exists(env.keys.cancel(job_id))
+
+
+async def test_cancel_of_an_unknown_job_exits_1(env: Env) -> None:
+    job_id = f"cu-{env.tag}"
+
+    code, _, err = await uploader(env, "cancel", job_id)
+
+    assert code == 1
+    assert one_line(err) == f"uploader: job {job_id} is not queued or running (unknown)"
+    assert not await env.redis.exists(env.keys.cancel(job_id))
+
+
+async def test_cancel_refuses_a_bad_id(env: Env) -> None:
+    code, _, err = await uploader(env, "cancel", "no spaces")
+
+    assert code == 2
+    assert "is not a job ID" in one_line(err)
+
+
+# --- --wait on a tube nobody watches; --version ---
+
+
+async def test_wait_hints_once_when_no_daemon_watches_the_tube(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "HINT_AFTER", 0.1)
+    job_id = f"lonely-{env.tag}"
+    argv = ["enqueue", "--config", str(cli_config(env)), "--job", job_id, "--wait", str(env.uploads / "a")]
+    running = asyncio.ensure_future(asyncio.to_thread(cli.run, argv))
+    seen: list[str] = []
+
+    def hinted() -> bool:
+        seen.append(capsys.readouterr().err)
+        return "no daemon watches" in "".join(seen)
+
+    await wait_until(hinted, 10, "the hint")
+    await env.redis.hset(env.keys.job(job_id), mapping={"state": "cancelled", "finished_at": 1})
+    assert await asyncio.wait_for(running, 10) == 1
+    err = "".join(seen) + capsys.readouterr().err
+    hint = (
+        f"uploader: no daemon watches tube '{env.tube}' on {env.beanstalkd} yet;"
+        " still waiting (Ctrl-C to stop)"
+    )
+    assert err.count(hint) == 1
+
+
+async def test_no_hint_while_a_daemon_watches_the_tube(env: Env) -> None:
+    producer = await env.conn()
+    await producer.use(env.tube)
+    await producer.put(b"x")
+    assert await cli._unwatched_hint(producer, env.tube) is not None
+
+    watcher = await env.conn()
+    await watcher.watch(env.tube)
+
+    assert await cli._unwatched_hint(producer, env.tube) is None
+
+
+async def test_version_names_the_package_version(env: Env) -> None:
+    code, out, _ = await uploader(env, "--version", config=False)
+
+    assert (code, out) == (0, "uploader 0.1.0\n")
