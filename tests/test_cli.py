@@ -335,3 +335,110 @@ async def test_version_names_the_package_version(env: Env) -> None:
     code, out, _ = await uploader(env, "--version", config=False)
 
     assert (code, out) == (0, "uploader 0.1.0\n")
+
+
+# --- failed and retry, against a job really buried in beanstalkd ---
+
+
+async def bury_failed(env: Env, job_id: str, finished_at: int, reasons: dict[str, str]) -> int:
+    """What the daemon leaves behind for a failed job: a buried beanstalkd job, the zset member
+    and the progress hash naming where it is buried."""
+    beanstalk_job = await env.put(job_id)
+    worker = await env.conn()
+    await worker.watch(env.tube)
+    await worker.ignore("default")
+    job = await worker.reserve_job(beanstalk_job)
+    await worker.bury(job.id)
+    await env.redis.zadd(env.keys.failed_jobs, {job_id: finished_at})
+    fields = {
+        "state": "failed",
+        "total": 10,
+        "uploaded": 10 - len(reasons),
+        "skipped": 0,
+        "failed": len(reasons),
+        "bytes": 1,
+        "finished_at": finished_at,
+        "tube": env.tube,
+        "beanstalkd": env.beanstalkd,
+        "beanstalk_job": beanstalk_job,
+    }
+    await env.redis.hset(env.keys.job(job_id), mapping=fields)
+    await env.redis.hset(env.keys.failed(job_id), mapping=reasons)
+    return beanstalk_job
+
+
+async def test_failed_lists_failed_jobs_newest_first_then_buried_counts(env: Env) -> None:
+    await bury_failed(env, f"old-{env.tag}", 1_700_000_000, {"/srv/a": "file not found"})
+    reasons = {f"/srv/{i}": "permission denied" for i in range(5)}
+    await bury_failed(env, f"new-{env.tag}", 1_700_000_100, reasons)
+    await env.put("{not a job")  # buried by the daemon for its body: only a count shows it
+    stray = await env.conn()
+    await stray.watch(env.tube)
+    await stray.ignore("default")
+    job = await stray.reserve(timeout=5)
+    assert job is not None
+    await stray.bury(job.id)
+
+    code, out, err = await uploader(env, "failed")
+
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3
+    new, old, counts = (line.split("\t") for line in lines)
+    assert new[:4] == [f"new-{env.tag}", env.tube, "5/10 failed", "2023-11-14 22:15:00Z"]
+    assert new[4].count("permission denied") == 3
+    assert old == [
+        f"old-{env.tag}",
+        env.tube,
+        "1/10 failed",
+        "2023-11-14 22:13:20Z",
+        "/srv/a: file not found",
+    ]
+    assert counts == [env.beanstalkd, env.tube, "3 buried"]
+
+
+async def test_failed_skips_jobs_that_no_longer_say_failed_and_honours_limit(env: Env) -> None:
+    for i in range(3):
+        await bury_failed(env, f"f{i}-{env.tag}", 1_700_000_000 + i, {"/srv/a": "gone"})
+    await env.redis.hset(env.keys.job(f"f2-{env.tag}"), "state", "running")
+
+    code, out, err = await uploader(env, "failed", "--limit", "1")
+
+    assert code == 0, err
+    assert [line.split("\t")[0] for line in out.splitlines()[:-1]] == [f"f1-{env.tag}"]
+
+
+async def test_retry_kicks_a_failed_job_back_to_ready(env: Env) -> None:
+    job_id = f"r-{env.tag}"
+    beanstalk_job = await bury_failed(env, job_id, 1_700_000_000, {"/srv/a": "gone"})
+
+    code, out, err = await uploader(env, "retry", job_id)
+
+    assert code == 0, err
+    assert out.strip() == f"kicked {job_id} (beanstalkd job {beanstalk_job} on {env.beanstalkd})"
+    assert (await (await env.conn()).stats_job(beanstalk_job))["state"] == "ready"
+
+
+async def test_retry_of_a_job_not_failed_exits_1_and_still_kicks_the_others(env: Env) -> None:
+    job_id = f"r-{env.tag}"
+    beanstalk_job = await bury_failed(env, job_id, 1_700_000_000, {"/srv/a": "gone"})
+    await env.redis.hset(env.keys.job(f"ok-{env.tag}"), mapping={"state": "done", "finished_at": 1})
+
+    code, _, err = await uploader(env, "retry", f"ok-{env.tag}", job_id)
+
+    assert code == 1
+    assert one_line(err) == f"uploader: job ok-{env.tag} is not failed (state done)"
+    assert (await (await env.conn()).stats_job(beanstalk_job))["state"] == "ready"
+
+
+async def test_retry_all_kicks_every_buried_job_of_the_configured_tubes(env: Env) -> None:
+    buried = [await bury_failed(env, f"a{i}-{env.tag}", 1_700_000_000, {"/a": "x"}) for i in range(2)]
+    delayed = await env.put("later", delay=3600)
+
+    code, out, err = await uploader(env, "retry", "--all")
+
+    assert code == 0, err
+    assert out.splitlines() == [f"{env.beanstalkd}\t{env.tube}\tkicked 2"]
+    conn = await env.conn()
+    assert [(await conn.stats_job(j))["state"] for j in buried] == ["ready", "ready"]
+    assert (await conn.stats_job(delayed))["state"] == "delayed"
