@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Env, wait_until
+from tests.helpers import Env, wait_until, write_config
 from uploader import cli, devservers
+from uploader import config as config_mod
 
 
 def cli_config(env: Env, beanstalkd: str | None = None, redis_url: str | None = None) -> Path:
@@ -442,3 +444,24 @@ async def test_retry_all_kicks_every_buried_job_of_the_configured_tubes(env: Env
     conn = await env.conn()
     assert [(await conn.stats_job(j))["state"] for j in buried] == ["ready", "ready"]
     assert (await conn.stats_job(delayed))["state"] == "delayed"
+
+
+async def test_check_config_output_written_back_as_toml_loads_the_same_config(env: Env) -> None:
+    data = env.config_data(
+        source={
+            "address": [env.beanstalkd, "10.0.0.2:11300"],
+            "tubes": [env.tube, {"name": "bulk", "weight": 3}],
+        },
+        limits={"files_per_second": 50.0, "tubes": {"bulk": {"bytes_per_second": 1000.0}}},
+    )
+    for secret in ("access_key_id", "secret_access_key"):  # printed masked, so never equal
+        del data["store"]["s3"][secret]
+    original = write_config(env.tmp_path / "original.toml", data)
+
+    code, out, err = await uploader(env, "check-config", str(original), config=False)
+
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["source"]["address"] == [env.beanstalkd, "10.0.0.2:11300"]
+    again = write_config(env.tmp_path / "again.toml", printed)
+    assert config_mod.load(str(again)) == dataclasses.replace(config_mod.load(str(original)), path=str(again))
