@@ -174,6 +174,42 @@ async def test_bury_then_kick_job(conn: Connection, other: Connection, tube: str
     assert (await other.stats_job(job.id))["state"] == "ready"
 
 
+async def test_kick_returns_buried_jobs_of_the_used_tube_to_ready(
+    conn: Connection, other: Connection, tube: str
+) -> None:
+    ids = [await put_into(other, tube) for _ in range(3)]
+    await watch_only(conn, tube)
+    for _ in ids:
+        job = await conn.reserve(timeout=5)
+        assert job is not None
+        await conn.bury(job.id)
+
+    await other.use(tube)
+    assert await other.kick(2) == 2
+    assert await other.kick(1_000_000) == 1
+    assert [(await other.stats_job(i))["state"] for i in ids] == ["ready"] * 3
+
+
+async def test_kick_with_nothing_buried_or_delayed_kicks_none(other: Connection, tube: str) -> None:
+    await put_into(other, tube)
+
+    assert await other.kick(10) == 0
+
+
+async def test_kick_job_of_a_ready_job_is_not_found(other: Connection, tube: str) -> None:
+    job_id = await put_into(other, tube)
+
+    with pytest.raises(NotFound):
+        await other.kick_job(job_id)
+
+
+async def test_connect_to_nothing_names_the_os_reason() -> None:
+    address = f"127.0.0.1:{devservers.free_port()}"
+    with pytest.raises(ConnectionLost) as caught:
+        await Connection.connect(address, timeout=2)
+    assert str(caught.value) == f"cannot connect to beanstalkd at {address}: Connection refused"
+
+
 async def test_stats_job_describes_the_job(other: Connection, tube: str) -> None:
     job_id = await put_into(other, tube, priority=5, delay=0, ttr=77)
 

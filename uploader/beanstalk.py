@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +88,13 @@ class Job:
     body: bytes
 
 
+def _why(exc: OSError) -> str:
+    """The OS's words ("Connection refused"), not asyncio's "Connect call failed (...)"."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -109,7 +117,7 @@ class Connection:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
-            raise ConnectionLost(f"cannot connect to beanstalkd at {address}: {exc}") from None
+            raise ConnectionLost(f"cannot connect to beanstalkd at {address}: {_why(exc)}") from None
         return cls(reader, writer, address)
 
     async def close(self) -> None:
@@ -221,8 +229,15 @@ class Connection:
         self._expect(reply, "BURIED")
 
     async def kick_job(self, job_id: int) -> None:
+        """Back to ready: a buried or delayed job; NotFound for any other."""
         reply, _ = await self._call(f"kick-job {job_id}".encode())
         self._expect(reply, "KICKED")
+
+    async def kick(self, bound: int) -> int:
+        """Kick up to `bound` jobs of the used tube: its buried ones, or its delayed ones when
+        none is buried (so check the buried count first if delayed jobs must stay delayed)."""
+        reply, _ = await self._call(f"kick {bound}".encode())
+        return int(self._expect(reply, "KICKED")[1])
 
     # --- inspection ---
 

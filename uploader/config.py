@@ -490,26 +490,39 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+# Fields whose TOML key has another name, and fields that are no key of the file at all.
+_TOML_KEYS: Mapping[str, str] = {"SourceConfig.addresses": "address"}
+_NOT_KEYS = frozenset({"Config.path"})
+# (name, table) pairs that the file writes as a table of tables, `[limits.tubes.NAME]`.
+_PAIR_TABLES = frozenset({"LimitsConfig.tubes"})
+
+
 def redacted(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, secrets masked: safe to print or log."""
+    """The effective config as plain data, secrets masked: safe to print or log. Keys are the
+    config file's own, so the output reads (and, secrets aside, loads) as the file would."""
 
     def walk(obj: object) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             out: dict[str, Any] = {}
             for f in dataclasses.fields(obj):
-                value = getattr(obj, f.name)
-                if f.name in SECRET_FIELDS:
-                    out[f.name] = "***" if value else ""
-                elif f.name in SECRET_PAIR_FIELDS:
-                    out[f.name] = {name: "***" for name, _ in value}
-                elif f.name in ("url", "url_template", "health_url") and isinstance(value, str):
-                    out[f.name] = mask_url(value)
-                else:
-                    out[f.name] = walk(value)
+                where = f"{type(obj).__name__}.{f.name}"
+                if where not in _NOT_KEYS:
+                    out[_TOML_KEYS.get(where, f.name)] = shown(where, f.name, getattr(obj, f.name))
             return out
         if isinstance(obj, tuple):
             return [walk(v) for v in obj]
         return obj
+
+    def shown(where: str, name: str, value: object) -> Any:
+        if name in SECRET_FIELDS:
+            return "***" if value else ""
+        if name in SECRET_PAIR_FIELDS:
+            return {key: "***" for key, _ in cast(tuple[tuple[str, str], ...], value)}
+        if name in ("url", "url_template", "health_url") and isinstance(value, str):
+            return mask_url(value)
+        if where in _PAIR_TABLES:
+            return {key: walk(v) for key, v in cast(tuple[tuple[str, object], ...], value)}
+        return walk(value)
 
     result: dict[str, Any] = walk(config)
     return result
