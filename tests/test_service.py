@@ -392,7 +392,8 @@ async def test_startup_failures_are_one_line_and_exit_2(
     cases = (
         (bad, "[upload].concurrency must be >= 1, got 0"),
         (missing_bucket, f"bucket 'absent-{env.tag}' does not exist"),
-        (bad_root, "cannot create root"),
+        (bad_root, f"{bad_root}: [store.local].root: cannot create '{env.tmp_path}/a-file/objects': "
+                   "Not a directory"),
         (port_taken, "[http].listen: cannot listen on 127.0.0.1:"),
     )
     daemons = [await spawn(config).start() for config, _ in cases]
