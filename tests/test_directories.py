@@ -152,6 +152,32 @@ async def test_directories_outside_the_roots_are_refused_with_a_reason(env: Env,
     assert store.keys == []
 
 
+@pytest.mark.parametrize(("slash", "in_config"), [("", ""), ("/", ""), ("", "/")])
+async def test_an_allowed_root_named_as_an_entry_uploads_its_files_relative_to_it(
+    env: Env, slash: str, in_config: str
+) -> None:
+    (env.uploads / "sub").mkdir()
+    (env.uploads / "a.txt").write_bytes(b"a")
+    (env.uploads / "sub" / "b.txt").write_bytes(b"b")
+    store = WatchingStore(LocalStore(env.config().store.local))
+    config = env.config(upload={"allowed_roots": [str(env.uploads) + in_config]})
+    async with env.daemon(config, store=store):
+        await env.push_job("root", [str(env.uploads) + slash])
+        state = await env.wait_final("root")
+    assert (state["state"], state["total"], state["uploaded"]) == ("done", "2", "2"), state
+    assert sorted(store.keys) == ["root/a.txt", "root/sub/b.txt"]
+    assert stored(env, "root/sub/b.txt") == b"b"
+
+
+async def test_with_directories_off_the_root_itself_fails_as_a_directory(env: Env) -> None:
+    async with env.daemon(env.config(upload={"directories": False})):
+        await env.push_job("off", [str(env.uploads)])
+        state = await env.wait_final("off")
+    assert state["state"] == "failed"
+    root = str(env.uploads)
+    assert await env.failures("off") == {root: f"a directory, not a regular file: {root!r}"}
+
+
 async def test_with_directories_off_a_directory_entry_fails_as_before(env: Env) -> None:
     (env.uploads / "d").mkdir()
     (env.uploads / "d" / "f").write_bytes(b"f")

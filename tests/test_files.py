@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import wait_until
 from uploader import files
 from uploader.errors import PermanentFileError, TransientFileError
-from uploader.files import INLINE_READ_LIMIT, Root, SourceFile, locate, open_source
+from uploader.files import INLINE_READ_LIMIT, Root, SourceFile, locate, open_source, place
 
 
 @pytest.fixture
@@ -76,7 +76,8 @@ def test_locate_normalises_redundant_separators(root_dir: Path, roots: tuple[Roo
     [
         (lambda r: str(r.parent / "outside" / "a"), "outside the allowed roots"),
         (lambda r: str(r) + "2/a", "outside the allowed roots"),  # a sibling sharing the prefix
-        (lambda r: str(r), "outside the allowed roots"),  # the root itself is no file
+        (lambda r: str(r), "a directory, not a regular file"),  # the root itself is no file
+        (lambda r: str(r) + "/", "a directory, not a regular file"),
         (lambda r: "/etc/passwd", "outside the allowed roots"),
         (lambda r: str(r / "sub" / ".." / ".." / "outside" / "a"), "'..'"),
         (lambda r: str(r / ".." / "root" / "a"), "'..'"),
@@ -89,6 +90,26 @@ def test_locate_refuses(root_dir: Path, roots: tuple[Root, ...], make_path: obje
     assert callable(make_path)
     with pytest.raises(PermanentFileError, match=match):
         locate(make_path(root_dir), roots)
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_place_accepts_the_root_itself_with_an_empty_relpath(
+    root_dir: Path, roots: tuple[Root, ...], slash: str
+) -> None:
+    assert place(str(root_dir) + slash, roots) == (roots[0], "")
+
+
+def test_place_accepts_the_root_by_its_real_name(tmp_path: Path, root_dir: Path) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(root_dir)
+    roots = (Root.of(str(link) + "/"),)  # configured with a trailing slash, through a symlink
+    assert place(str(root_dir), roots) == (roots[0], "")
+    assert place(str(link), roots) == (roots[0], "")
+
+
+def test_place_refuses_what_locate_refuses_by_name(root_dir: Path, roots: tuple[Root, ...]) -> None:
+    with pytest.raises(PermanentFileError, match="outside the allowed roots"):
+        place(str(root_dir) + "2", roots)
 
 
 def test_locate_through_a_root_configured_as_a_symlink(tmp_path: Path, root_dir: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ from uploader.devservers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "uploader.service"
+README = ROOT / "README.md"
 
 
 class SlowProxy:
@@ -392,7 +394,8 @@ async def test_startup_failures_are_one_line_and_exit_2(
     cases = (
         (bad, "[upload].concurrency must be >= 1, got 0"),
         (missing_bucket, f"bucket 'absent-{env.tag}' does not exist"),
-        (bad_root, "cannot create root"),
+        (bad_root, f"{bad_root}: [store.local].root: cannot create '{env.tmp_path}/a-file/objects': "
+                   "Not a directory"),
         (port_taken, "[http].listen: cannot listen on 127.0.0.1:"),
     )
     daemons = [await spawn(config).start() for config, _ in cases]
@@ -432,3 +435,115 @@ def test_systemd_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
     score = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert score is not None, security.stdout + security.stderr
     assert float(score.group(1)) <= 2.0, security.stdout
+
+
+# --- the install steps in the docs match the unit ---
+
+
+def section(doc: Path, heading: str) -> str:
+    """The text under `heading` up to the next heading of its level or above (code skipped)."""
+    lines = doc.read_text().splitlines()
+    start = lines.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    code = False
+    for end in range(start + 1, len(lines)):
+        code ^= lines[end].startswith("```")
+        if not code and re.match(rf"#{{1,{level}}} ", lines[end]):
+            break
+    else:
+        end = len(lines)
+    return "\n".join(lines[start:end])
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
+def run_installs(block: str, dest: Path) -> None:
+    """Every `install` command of `block`, run for real with absolute paths under `dest`
+    (owner and group left out: they need root). Directories that exist on this host, like
+    /etc/systemd/system, exist under `dest` too; the ones the steps must create do not."""
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[0] != "install":
+            continue
+        args: list[str] = []
+        rest = iter(words[1:])
+        for word in rest:
+            if word in ("-g", "-o"):
+                next(rest)
+            else:
+                args.append(f"{dest}{word}" if word.startswith("/") else word)
+                if word.startswith("/") and os.path.isdir(word):
+                    Path(args[-1]).mkdir(parents=True, exist_ok=True)
+        subprocess.run(["install", *args], cwd=ROOT, check=True, capture_output=True, timeout=30)
+
+
+def documentation_files() -> list[str]:
+    urls = [
+        url
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("Documentation=")
+        for url in line.removeprefix("Documentation=").split()
+    ]
+    return [url.removeprefix("file://") for url in urls if url.startswith("file://")]
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading"),
+    [
+        (README, "## Running it as a service"),
+        (ROOT / "docs" / "operations.md", "## Install as a systemd service"),
+    ],
+)
+def test_the_install_steps_create_every_file_the_units_documentation_names(
+    tmp_path: Path, doc: Path, heading: str
+) -> None:
+    files = documentation_files()
+    assert files, "the unit names no file: documentation"
+    (block,) = [b for b in code_blocks(section(doc, heading), "sh") if "systemctl enable" in b]
+    run_installs(block, tmp_path)
+    assert [f for f in files if not (tmp_path / f.lstrip("/")).is_file()] == []
+
+
+def readme_drop_in() -> list[str]:
+    blocks = code_blocks(section(README, "## Running it as a service"), "ini")
+    (block,) = [b for b in blocks if "[Service]" in b]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_drop_in_clears_execstart_and_readonlypaths_before_setting_them() -> None:
+    text = section(README, "## Running it as a service")
+    venv = re.search(r"python3 -m venv (\S+)", text)
+    config = re.search(r"install .*config/uploader\.toml (\S+)", text)
+    assert venv is not None and config is not None
+    lines = readme_drop_in()
+    assert lines[0] == "[Service]"
+    assert [line for line in lines if line.startswith("ExecStart=")] == [
+        "ExecStart=",
+        f"ExecStart={venv.group(1)}/bin/uploader run --config {config.group(1)}",
+    ]
+    read_only = [line for line in lines if line.startswith("ReadOnlyPaths=")]
+    assert read_only[0] == "ReadOnlyPaths=" and len(read_only) > 1
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_unit_with_the_readme_drop_in_verifies(tmp_path: Path) -> None:
+    unit = verifiable_unit(tmp_path)
+    binary = re.search(r"^ExecStart=(\S+)", unit.read_text(), re.M)
+    assert binary is not None
+    drop_in = "\n".join(readme_drop_in()).replace("/opt/uploader/venv/bin/uploader", binary.group(1))
+    override = tmp_path / "uploader.service.d" / "override.conf"
+    override.parent.mkdir()
+
+    def verify(text: str) -> subprocess.CompletedProcess[str]:
+        override.write_text(text + "\n")
+        return subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    result = verify(drop_in)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    # The drop-in is really read: without its empty ExecStart= the unit is refused.
+    refused = verify(drop_in.replace("ExecStart=\n", "", 1))
+    assert "more than one ExecStart=" in refused.stderr, refused.stderr

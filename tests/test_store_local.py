@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import OpenFile
+from uploader import config as config_mod
 from uploader.config import LocalStoreConfig
 from uploader.errors import (
+    ConfigError,
     InfrastructureError,
     PermanentFileError,
     StoreUnavailableError,
     TransientFileError,
 )
 from uploader.stores import local as local_module
+from uploader.stores import open_store
 from uploader.stores.base import PutRequest, StoredObject
 from uploader.stores.local import LocalStore, translate_os_error
 
@@ -55,6 +58,18 @@ async def test_start_creates_the_root_and_its_parents(store_root: Path) -> None:
     await s.start()
     assert all_files(store_root) == []
     await s.check()
+
+
+async def test_a_root_that_cannot_be_created_is_refused_naming_the_file_and_key(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    root = tmp_path / "a-file" / "objects"  # makedirs fails with ENOTDIR
+    path = tmp_path / "uploader.toml"
+    path.write_text(f'[store]\nkind = "local"\nlocal = {{ root = "{root}" }}\n')
+    config = config_mod.load(str(path))
+    store = open_store(config.store, 1, config.path)
+    with pytest.raises(ConfigError) as refused:
+        await store.start()
+    assert str(refused.value) == f"{path}: [store.local].root: cannot create '{root}': Not a directory"
 
 
 async def test_put_writes_the_bytes_under_the_key_atomically(

@@ -89,7 +89,7 @@ class Daemon:
     def __init__(self, config: Config, store: Store | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.store = store or open_store(config.store, config.upload.concurrency)
+        self.store = store or open_store(config.store, config.upload.concurrency, config.path)
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
         self.ready = False

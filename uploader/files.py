@@ -116,10 +116,20 @@ def _under(path: str, root: str) -> bool:
 
 
 def locate(path: str, roots: tuple[Root, ...]) -> tuple[Root, str]:
-    """Return the root that holds `path` and the path relative to it, or refuse it.
+    """Return the root that holds the file `path` and the path relative to it, or refuse it.
 
-    Only the name is examined here; `open_source` checks what the name resolves to.
+    Only the name is examined here; `open_source` checks what the name resolves to. A root
+    itself is a directory, so it is refused as one, not as lying outside the roots.
     """
+    root, relpath = place(path, roots)
+    if not relpath:
+        raise PermanentFileError(f"a directory, not a regular file: {path!r}")
+    return root, relpath
+
+
+def place(path: str, roots: tuple[Root, ...]) -> tuple[Root, str]:
+    """Like `locate`, but a root itself is accepted with relpath "": a directory entry may
+    name it, and its files then get relpaths from the root."""
     if not path:
         raise PermanentFileError("empty path")
     if "\x00" in path:
@@ -131,8 +141,8 @@ def locate(path: str, roots: tuple[Root, ...]) -> tuple[Root, str]:
     normal = os.path.normpath(path)
     for root in roots:
         for base in (root.configured, root.real):
-            if _under(normal, base) and normal != base:
-                # Both are normalised and `normal` lies below `base`: slicing is relpath.
+            if _under(normal, base):
+                # Both are normalised and `normal` is or lies below `base`: slicing is relpath.
                 return root, normal[len(base.rstrip("/")) + 1 :]
     raise PermanentFileError(f"path outside the allowed roots: {path!r}")
 

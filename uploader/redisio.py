@@ -54,15 +54,6 @@ class Keys:
         return f"{self.prefix}job:{job_id}:cancel"
 
     @property
-    def failed_jobs(self) -> str:
-        """Sorted set of failed job IDs, scored by finished_at: what `uploader failed` lists."""
-        return f"{self.prefix}jobs:failed"
-
-    @property
-    def finished_jobs(self) -> str:
-        return f"{self.prefix}jobs:finished"
-
-    @property
     def events(self) -> str:
         return f"{self.prefix}events"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import mimetypes
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ import structlog
 from uploader.aimd import Aimd
 from uploader.beanstalk import BeanstalkError, ConnectionLost, NotFound
 from uploader.config import Config, UploadConfig
+from uploader.contenttype import ContentTypes
 from uploader.errors import BadJobError, FileError, PermanentFileError, StoreUnavailableError
 from uploader.files import Root, locate, open_source
 from uploader.health import Health
@@ -54,7 +54,6 @@ _Put = Callable[[bytes], Awaitable[int]]
 
 CANCEL_POLL = 1.0  # seconds between checks of a job's cancel key
 DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
-CONTENT_TYPE_CACHE = 4096  # distinct file-name extensions whose guessed type is remembered
 STORE_PROBE_FIRST = 0.5  # seconds before the first re-check of a store that refused writes
 STORE_PROBE_CAP = 30.0  # seconds between checks at the most
 STORE_PROBE_TIMEOUT = 10.0  # seconds one check may take
@@ -181,7 +180,7 @@ class Scheduler:
         metrics.slots.set(config.upload.concurrency)
         # Read at scrape time: no gauge lock taken twice per file.
         metrics.inflight.set_function(lambda: len(self._uploads))
-        self._content_types: dict[str, str | None] = {}
+        self._content_types = ContentTypes()
 
     # --- the whole life of the pipeline ---
 
@@ -666,19 +665,7 @@ class Scheduler:
         return "uploaded", result.bytes_sent, label, ""
 
     def _content_type(self, path: str) -> str | None:
-        """mimetypes.guess_type, cached by the name's extensions (all it looks at), bounded."""
-        name = path.rpartition("/")[2]
-        dot = name.find(".", len(name) - len(name.lstrip(".")))
-        if dot < 0:
-            return mimetypes.guess_type(path)[0]
-        suffix = name[dot:]
-        try:
-            return self._content_types[suffix]
-        except KeyError:
-            found = mimetypes.guess_type(path)[0]
-            if len(self._content_types) < CONTENT_TYPE_CACHE:
-                self._content_types[suffix] = found
-            return found
+        return self._content_types.for_path(path)
 
     def _key_for(self, job_id: str, relpath: str, index: int) -> str:
         key = self.config.upload.key_template.format_map(

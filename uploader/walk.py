@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from uploader.errors import PermanentFileError
-from uploader.files import Root, locate
+from uploader.files import Root, place
 from uploader.manifest import Entry, key_problem
 from uploader.redisio import Keys, until_done
 
@@ -201,7 +201,7 @@ def classify(entries: Sequence[Entry], roots: tuple[Root, ...]) -> list[Root | N
     found: list[Root | None] = []
     for entry in entries:
         try:
-            root, _ = locate(entry.path, roots)
+            root, _ = place(entry.path, roots)
             is_dir = stat.S_ISDIR(os.lstat(entry.path).st_mode)
         except (PermanentFileError, OSError, ValueError):
             is_dir = False

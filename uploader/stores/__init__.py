@@ -8,7 +8,8 @@ from uploader.stores.base import PutRequest, PutResult, Store
 __all__ = ["PutRequest", "PutResult", "Store", "open_store"]
 
 
-def open_store(config: StoreConfig, concurrency: int) -> Store:
+def open_store(config: StoreConfig, concurrency: int, path: str = "<config>") -> Store:
+    """The store `config.kind` names; `path`, the config file, is named in its start errors."""
     if config.kind == "s3":
         from uploader.stores.s3 import S3Store
 
@@ -19,4 +20,4 @@ def open_store(config: StoreConfig, concurrency: int) -> Store:
         return HttpStore(config.http, concurrency)
     from uploader.stores.local import LocalStore
 
-    return LocalStore(config.local)
+    return LocalStore(config.local, f"{path}: [store.local].root")

@@ -131,9 +131,10 @@ def _under(path: str, root: str) -> bool:
 
 
 class LocalStore:
-    def __init__(self, config: LocalStoreConfig) -> None:
+    def __init__(self, config: LocalStoreConfig, where: str = "[store.local].root") -> None:
         self.config = config
         self.root = config.root
+        self.where = where  # "FILE: [store.local].root", for the one error that names the key
         self._root_real: str | None = None  # resolved once at start, not per object
         self._executor: ThreadPoolExecutor | None = None  # None: the loop's default pool
 
@@ -147,7 +148,7 @@ class LocalStore:
             await asyncio.to_thread(os.makedirs, self.root, exist_ok=True)
         except OSError as exc:  # one line at startup (exit 2), not a traceback
             reason = exc.strerror or str(exc)
-            raise ConfigError(f"local store: cannot create root {self.root!r}: {reason}") from None
+            raise ConfigError(f"{self.where}: cannot create {self.root!r}: {reason}") from None
         self._root_real = await asyncio.to_thread(os.path.realpath, self.root)
         if not self.config.fsync and self._executor is None:
             self._executor = ThreadPoolExecutor(NO_FSYNC_THREADS, thread_name_prefix="local-store")
