@@ -465,3 +465,30 @@ async def test_check_config_output_written_back_as_toml_loads_the_same_config(en
     assert printed["source"]["address"] == [env.beanstalkd, "10.0.0.2:11300"]
     again = write_config(env.tmp_path / "again.toml", printed)
     assert config_mod.load(str(again)) == dataclasses.replace(config_mod.load(str(original)), path=str(again))
+
+
+async def test_a_job_the_daemon_buried_is_listed_by_failed_and_finished_by_retry(env: Env) -> None:
+    """End to end, with what the daemon itself writes: the failed index and the hash's
+    beanstalkd job; `retry` runs only the failed file again."""
+    paths = env.write_files(3)
+    job_id = f"e2e-{env.tag}"
+    missing = env.uploads / "late.txt"
+    async with env.daemon(env.config()):
+        await env.push_job(job_id, [*(str(p) for p in paths), str(missing)])
+        assert (await env.wait_final(job_id))["state"] == "failed"
+        code, out, err = await uploader(env, "failed")
+        assert code == 0, err
+        [line] = [line for line in out.splitlines() if job_id in line]
+        assert env.tube in line and "1/4" in line and "late.txt" in out
+        missing.write_bytes(b"here now")
+        code, out, err = await uploader(env, "retry", job_id)
+        assert code == 0, err
+
+        async def done() -> dict[str, str] | None:
+            state = await env.state(job_id)
+            return state if state.get("state") == "done" else None
+
+        state = await wait_until(done, 30, "the retried job to finish")
+    assert (state["uploaded"], state["failed"], state["total"]) == ("4", "0", "4")
+    code, out, _ = await uploader(env, "failed")
+    assert job_id not in out

@@ -273,3 +273,19 @@ async def test_every_counter_is_in_the_progress_hash_from_the_start(env: Env) ->
     assert {k: state.get(k) for k in ("uploaded", "skipped", "failed", "bytes", "total")} == {
         "uploaded": "0", "skipped": "0", "failed": "2", "bytes": "0", "total": "2"
     }
+
+
+# --- the drain: an upload cut short never lets its job finish ------------------------------------
+
+
+async def test_an_upload_cut_by_the_drain_deadline_sends_its_job_back_not_done(env: Env) -> None:
+    paths = env.write_files(1)
+    job_id = f"cut-{env.tag}"
+    store = RecordingStore(local_store(env), delay=30.0)
+    bjob = await env.push_job(job_id, [str(p) for p in paths])
+    async with env.daemon(env.config(daemon={"drain_timeout": 0.3}), store=store) as daemon:
+        await wait_until(lambda: store.active, what="the upload to start")
+    assert daemon.scheduler.summary.uploads_cancelled == 1
+    state = await env.state(job_id)
+    assert state["state"] == "queued" and state["uploaded"] == "0"
+    assert (await (await env.conn()).stats_job(bjob))["state"] == "ready"

@@ -18,10 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +382,6 @@ async def test_startup_failures_are_one_line_and_exit_2(
 ) -> None:
     bad = env.tmp_path / "bad.toml"
     bad.write_text(toml_text(env.config_data(upload={"concurrency": 0})))
-    missing_bucket = write_config(env.tmp_path / "nobucket.toml", env.config_data("s3", f"absent-{env.tag}"))
     (env.tmp_path / "a-file").write_text("")
     data = env.config_data()
     data["store"]["local"]["root"] = str(env.tmp_path / "a-file" / "objects")  # under a regular file
@@ -393,7 +393,6 @@ async def test_startup_failures_are_one_line_and_exit_2(
         http={"listen": f"127.0.0.1:{taken.getsockname()[1]}"}))
     cases = (
         (bad, "[upload].concurrency must be >= 1, got 0"),
-        (missing_bucket, f"bucket 'absent-{env.tag}' does not exist"),
         (bad_root, f"{bad_root}: [store.local].root: cannot create '{env.tmp_path}/a-file/objects': "
                    "Not a directory"),
         (port_taken, "[http].listen: cannot listen on 127.0.0.1:"),
@@ -406,6 +405,56 @@ async def test_startup_failures_are_one_line_and_exit_2(
         assert expected in lines[-1]
         assert "Traceback" not in daemon.log.read_text()
     taken.close()
+
+
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[str, list[str]]]:
+    """An sd_notify socket (abstract address) and the lines received on it, read in a thread."""
+    name = f"uploader-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(0.1)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                seen.extend(sock.recv(4096).decode().splitlines())
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    try:
+        yield "@" + name, seen
+    finally:
+        done.set()
+        reader.join(5)
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_missing_bucket_at_start_is_an_outage_not_an_exit(
+    env: Env, spawn: Callable[..., DaemonProcess], s3: Any
+) -> None:
+    """The bucket is being created by another team's script: the daemon says so and waits,
+    takes no job meanwhile, and serves as soon as it exists."""
+    name = f"late-{env.tag}"
+    config = write_config(env.tmp_path / "late.toml", env.config_data("s3", name))
+    files = env.write_files(3)
+    with notify_socket() as (address, seen):
+        daemon = await spawn(config, {"NOTIFY_SOCKET": address}).start()
+        event = await daemon.wait_event("taking_no_work")
+        assert event["cause"] == "store" and name in event["reason"]
+        await env.push_job(f"j-{env.tag}", [str(f) for f in files])
+        await wait_until(lambda: any(line.startswith("STATUS=waiting for") and name in line for line in seen),
+                         what="STATUS= naming the bucket")
+        assert "READY=1" not in seen
+        assert (await env.tube_stats())["current-jobs-reserved"] == "0"
+        s3.create_bucket(Bucket=name)
+        state = await env.wait_final(f"j-{env.tag}", 45)
+        await wait_until(lambda: "READY=1" in seen, what="READY=1 once the bucket exists")
+    assert (state["state"], state["uploaded"], state["failed"]) == ("done", "3", "0")
+    assert daemon.events("taking_work_again")
 
 
 def in_order(lines: list[str], prefixes: list[str]) -> bool:

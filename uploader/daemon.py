@@ -338,7 +338,10 @@ class Daemon:
             await asyncio.sleep(REDIS_CHECK_INTERVAL)
 
     def _health_changed(self) -> None:
-        """Say at once why work stopped or that it goes on: systemd's STATUS= line."""
+        """Say at once why work stopped or that it goes on: systemd's STATUS= line, a gauge."""
+        down = self.health.reasons()
+        for cause in ("redis", "store"):
+            self.metrics.taking_no_work.labels(cause).set(1 if cause in down else 0)
         if self.ready and not self.stop.is_set():
             self.notifier.status(self._status_text())
 

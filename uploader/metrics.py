@@ -31,6 +31,10 @@ class Metrics:
             "uploader_jobs_released", "Jobs released back to beanstalkd.", registry=r
         )
         self.draining = Gauge("uploader_draining", "1 while the daemon drains.", registry=r)
+        self.taking_no_work = Gauge(
+            "uploader_taking_no_work", "1 while an outage keeps the daemon from taking work, by cause.",
+            ["cause"], registry=r,
+        )
         self.tube_ready = Gauge(
             "uploader_tube_ready_jobs", "Ready jobs per watched tube.", ["tube"], registry=r
         )
