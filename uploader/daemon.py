@@ -9,6 +9,7 @@ STATUS=/WATCHDOG=1 from a main-loop tick, RELOADING=1 around a reload and STOPPI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -286,6 +287,11 @@ class Daemon:
         while not self.stop.is_set():
             problems = {k: v for k, v in (await web.probe_all(probes)).items() if v is not None}
             problems.update(self.health.reasons())
+            if self.health.unchecked():  # the first verdicts are moments away: no false alarm
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(READY_POLL):
+                        await self.health.wait_change()
+                continue
             if not problems:
                 self.ready = True
                 self.notifier.ready(self._status_text())
@@ -296,7 +302,9 @@ class Daemon:
             if not warned:
                 log.warning("waiting_for_dependencies", **problems)
                 warned = True
-            await asyncio.sleep(READY_POLL)
+            with contextlib.suppress(TimeoutError):  # a cause that goes ends the wait early
+                async with asyncio.timeout(READY_POLL):
+                    await self.health.wait_change()
 
     async def _tick(self) -> None:
         """STATUS= every few seconds and, when systemd's watchdog is on, WATCHDOG=1 at half its

@@ -24,6 +24,7 @@ class Health:
         self._clear = asyncio.Event()
         if not self._causes:
             self._clear.set()
+        self._change = asyncio.Event()
         self.on_change = on_change
 
     @property
@@ -39,8 +40,8 @@ class Health:
         self._clear.clear()
         if before is None or before == UNCHECKED:
             log.warning("taking_no_work", cause=cause, reason=reason)
-        if before != reason and self.on_change is not None:
-            self.on_change()
+        if before != reason:
+            self._changed()
 
     def recover(self, cause: str) -> None:
         before = self._causes.pop(cause, None)
@@ -50,11 +51,24 @@ class Health:
             self._clear.set()
         if before != UNCHECKED:
             log.info("taking_work_again", cause=cause, after=before)
-        if self.on_change is not None:
-            self.on_change()
+        self._changed()
 
     async def wait_clear(self) -> None:
         await self._clear.wait()
+
+    async def wait_change(self) -> None:
+        """Until a cause comes, goes or changes its reason."""
+        await self._change.wait()
+
+    def unchecked(self) -> bool:
+        """Some cause has had no verdict yet (the first probes are still out)."""
+        return UNCHECKED in self._causes.values()
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     def describe(self) -> str:
         return "; ".join(f"{cause} ({reason})" for cause, reason in self._causes.items())

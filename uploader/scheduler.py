@@ -684,6 +684,8 @@ class Scheduler:
         for run in self.runs.values():
             if not run.stopped:
                 run.stop("paused")
+        if self.draining:  # the jobs go back anyway; a probe now would outlive the drain
+            return
         if self._store_watch is None or self._store_watch.done():
             assert self._tg is not None
             self._store_watch = self._tg.create_task(self._watch_store(), name="store check")
