@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import structlog
 
+from uploader.clock import Clock
 from uploader.config import UploadConfig
 from uploader.errors import FileError, ThrottledError
 from uploader.limits import Slots
@@ -31,7 +31,6 @@ from uploader.metrics import Metrics
 
 log = structlog.get_logger("uploader.aimd")
 
-Clock = Callable[[], float]
 
 
 class Aimd:

@@ -8,7 +8,7 @@ is logged once when it starts and once when it ends, however often it is seen me
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -53,6 +53,13 @@ class Health:
             log.info("taking_work_again", cause=cause, after=before)
         self._changed()
 
+    def judge(self, cause: str, reason: str | None) -> None:
+        """A check's verdict: None, the cause is gone; else it is present for `reason`."""
+        if reason is None:
+            self.recover(cause)
+        else:
+            self.fail(cause, reason)
+
     async def wait_clear(self) -> None:
         await self._clear.wait()
 
@@ -72,3 +79,13 @@ class Health:
 
     def describe(self) -> str:
         return "; ".join(f"{cause} ({reason})" for cause, reason in self._causes.items())
+
+
+async def problem(check: Callable[[], Awaitable[object]], timeout: float) -> str | None:
+    """None when `check` answers within `timeout`, else why not, in one line."""
+    try:
+        async with asyncio.timeout(timeout):
+            await check()
+    except Exception as exc:  # noqa: BLE001 - whatever the check met is the reason shown
+        return str(exc) or type(exc).__name__
+    return None

@@ -39,6 +39,8 @@ Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
 RECENT_JOBS = 500  # finished jobs listed for operators, newest first
 FAILED_JOBS = 10_000  # failed jobs kept for `uploader failed` and `retry`
+COMPLETION_COUNTS = ("total", "uploaded", "skipped", "failed", "bytes")  # in completion messages
+LIST_LABEL = "<files list>"  # where a job-level failure's reason is kept in the failed hash
 
 # KEYS: the job's hash, its applied-batch hash. ARGV: writer, sequence, now, then the counts.
 _ADD_COUNTS = """
@@ -299,16 +301,27 @@ class Progress:
             "set state",
         )
 
-    async def fail_job(self, job_id: str, label: str, reason: str) -> None:
-        """A job that cannot run at all: its reason goes where failed files' reasons go."""
+    async def fail_list(self, job_id: str, reason: str) -> None:
+        """The job's list of files cannot be read (any more): the reason goes where failed
+        files' reasons go, under `<files list>`, and the job ends failed."""
         await until_done(
-            lambda: self._redis.hset(self._keys.failed(job_id), label, reason[:MAX_REASON]),
+            lambda: self._redis.hset(self._keys.failed(job_id), LIST_LABEL, reason[:MAX_REASON]),
             "record job failure",
         )
 
-    async def finish(self, job_id: str, state: State, seconds: float) -> dict[str, object]:
-        """Flush, settle the final state, start the expiry clock; return the completion message."""
+    async def fail_unreadable(self, job_id: str, delivery: Delivery | None, reason: str) -> None:
+        """A job whose list is unreadable from the start: running at 0 files, then failed."""
+        await self.start(job_id, 0, delivery)
+        await self.fail_list(job_id, reason)
+
+    async def finish(
+        self, job_id: str, seconds: float, *, cancelled: bool = False, failed: int = 0
+    ) -> dict[str, object]:
+        """Flush, decide and settle the final state, start the expiry clock; return the
+        completion message. `failed`: files this run failed; failures recorded by earlier
+        runs or for the list itself make the job failed too."""
         await self.flush()
+        state: State = "cancelled" if cancelled else "failed" if failed else await self._verdict(job_id)
         key = self._keys.job(job_id)
         ttl = self._config.progress_ttl
         now = int(time.time())
@@ -331,23 +344,14 @@ class Progress:
                 result: list[object] = await pipe.execute()
                 return result
 
-        result = await until_done(call, "finish job")
-        stored = result[1]
+        stored = (await until_done(call, "finish job"))[1]
         assert isinstance(stored, dict)
+        counts = {name: int(stored.get(name.encode(), 0)) for name in COMPLETION_COUNTS}
+        return {"id": job_id, "state": state, **counts, "seconds": round(seconds, 3)}
 
-        def count(name: str) -> int:
-            return int(stored.get(name.encode(), 0))
-
-        return {
-            "id": job_id,
-            "state": state,
-            "total": count("total"),
-            "uploaded": count("uploaded"),
-            "skipped": count("skipped"),
-            "failed": count("failed"),
-            "bytes": count("bytes"),
-            "seconds": round(seconds, 3),
-        }
+    async def _verdict(self, job_id: str) -> State:
+        failures = await until_done(lambda: self._redis.hlen(self._keys.failed(job_id)), "hlen")
+        return "failed" if failures else "done"
 
     def _index(self, pipe: Pipeline, job_id: str, state: State, now: int) -> None:
         """Keep the bounded lists of finished and failed jobs that operators read (`/jobs`,

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
+from uploader.clock import Clock, Sleep
 from uploader.config import LimitsConfig, RateLimit
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
 # Rounding in the refill arithmetic must not turn into one more (near-zero) sleep.
 EPSILON = 1e-9
 

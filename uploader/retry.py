@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from uploader.clock import Sleep
 from uploader.config import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
 
 T = TypeVar("T")
-Sleep = Callable[[float], Awaitable[None]]
 # Throttled attempts allowed per counted attempt: max_attempts=5 rides out 100 throttled
 # answers, with the default cap of 30 s roughly 25 minutes of a store saying "slow down".
 THROTTLED_PER_ATTEMPT = 20

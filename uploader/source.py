@@ -1,4 +1,10 @@
-"""Reserving jobs from beanstalkd, one connection per held job.
+"""The beanstalkd boundary: reserving jobs, keeping them, settling them, and watching tubes.
+
+Nothing past this module sees a beanstalkd error: a lost reservation is `ReservationLost`,
+and settling a job (delete, bury, release) never raises: if the reservation is gone with its
+connection, beanstalkd has the job back by itself, and a re-run resumes from the marks.
+
+Reservations are made one connection per held job.
 
 beanstalkd ties a reservation to the connection that made it, and answers one command at a
 time, so each held job keeps the connection that reserved it: `touch` never waits behind a
@@ -16,9 +22,9 @@ With one tube, or equal weights, there is only the blocking reserve: no extra ro
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
 
@@ -27,14 +33,23 @@ from uploader.beanstalk import (
     BeanstalkError,
     Connection,
     ConnectionLost,
+    NotFound,
     connect_with_backoff,
 )
+from uploader.clock import SYSTEM, Time
 from uploader.config import SourceConfig
 
 log = structlog.get_logger("uploader.source")
 
 RESERVE_TIMEOUT = 2  # seconds; also how often a quiet connection proves it is alive
 RESERVE_BACKOFF = 1.0  # seconds after an error reply, so a sick server is not hammered
+
+Settle = Literal["delete", "bury", "release"]
+
+
+class ReservationLost(Exception):
+    """The job is no longer ours: its connection closed, or beanstalkd gave it to another
+    worker after its TTR ran out. beanstalkd has it; nothing here may settle it."""
 
 
 @dataclass(eq=False, slots=True)
@@ -88,8 +103,9 @@ ALL = ""  # the pool of connections that watch every configured tube
 
 
 class Source:
-    def __init__(self, config: SourceConfig) -> None:
+    def __init__(self, config: SourceConfig, time: Time = SYSTEM) -> None:
         self.config = config
+        self._time = time
         self._weights = {t.name: t.weight for t in config.tubes}
         self._weighted = len(set(self._weights.values())) > 1
         # Idle connections per (address, tube they watch alone, or ALL).
@@ -192,7 +208,7 @@ class Source:
             # DEADLINE_SOON, OUT_OF_MEMORY and the like: drop the connection, start afresh.
             log.warning("beanstalkd_error", address=address, error=str(exc))
             await self._drop(conn)
-            await asyncio.sleep(RESERVE_BACKOFF)
+            await self._time.sleep(RESERVE_BACKOFF)
             return None
         except BaseException:
             await self._drop(conn)
@@ -207,24 +223,39 @@ class Source:
             ttr=max(1, int(stats.get("ttr", 60))),
             weight=self._weights.get(name, 1),
             address=address,
-            put_at=time.time() - int(stats.get("age", 0)),
+            put_at=self._time.wall() - int(stats.get("age", 0)),
         )
 
     def touch_interval(self, job: HeldJob) -> float:
         return max(self.config.min_touch_interval, job.ttr / 2)
 
     async def touch(self, job: HeldJob) -> None:
-        await job.conn.touch(job.id)
+        """Restart the job's TTR; raises ReservationLost if it is no longer ours."""
+        try:
+            await job.conn.touch(job.id)
+        except (ConnectionLost, NotFound) as exc:
+            raise ReservationLost(str(exc)) from exc
 
-    async def delete(self, job: HeldJob) -> None:
-        await self._finish(job, job.conn.delete(job.id))
-
-    async def bury(self, job: HeldJob) -> None:
-        await self._finish(job, job.conn.bury(job.id, job.priority))
-
-    async def release(self, job: HeldJob, delay: int = 0) -> None:
-        """Back to ready (at once by default), at its own priority, for any instance to resume."""
-        await self._finish(job, job.conn.release(job.id, job.priority, delay))
+    async def settle(self, job: HeldJob, how: Settle, delay: int = 0) -> None:
+        """Delete, bury or release (back to ready after `delay` seconds, at its own priority,
+        for any instance to resume). Never raises for beanstalkd's sake: a job that cannot be
+        settled is abandoned, and beanstalkd hands it out again."""
+        conn = job.conn
+        command = (
+            conn.delete(job.id)
+            if how == "delete"
+            else conn.bury(job.id, job.priority)
+            if how == "bury"
+            else conn.release(job.id, job.priority, delay)
+        )
+        try:
+            await self._finish(job, command)
+        except (ConnectionLost, NotFound) as exc:
+            log.warning("job_settle_failed", beanstalk_job=job.id, action=how, error=str(exc))
+            await self.abandon(job)
+        except BeanstalkError as exc:
+            log.error("job_settle_failed", beanstalk_job=job.id, action=how, error=str(exc))
+            await self.abandon(job)
 
     async def _finish(self, job: HeldJob, command: Awaitable[None]) -> None:
         job._done = True
@@ -250,3 +281,50 @@ class Source:
                 await conn.close()
             conns.clear()
         self._pool.clear()
+
+
+class Monitor:
+    """One side connection per beanstalkd address, for probes and tube stats; never reserves.
+
+    Kept apart from the Source's connections so that a probe never waits behind a reserve.
+    """
+
+    def __init__(self, addresses: tuple[str, ...], tubes: tuple[str, ...], timeout: float) -> None:
+        self.addresses = addresses
+        self.tubes = tubes
+        self.timeout = timeout
+        self._conns: dict[str, Connection] = {}
+        self._connecting = asyncio.Lock()  # the probe and the stats poll may both ask first
+
+    async def _conn(self, address: str) -> Connection:
+        async with self._connecting:
+            conn = self._conns.get(address)
+            if conn is None or conn.closed:
+                conn = self._conns[address] = await Connection.connect(address, timeout=self.timeout)
+            return conn
+
+    async def ping(self) -> None:
+        """Raise unless every configured beanstalkd answers."""
+        for address in self.addresses:
+            await (await self._conn(address)).stats()
+
+    async def ready_jobs(self) -> dict[str, int]:
+        """Ready jobs per watched tube, summed over the servers that answer."""
+        counts = dict.fromkeys(self.tubes, 0)
+        for address in self.addresses:
+            try:
+                conn = await self._conn(address)
+                for tube in self.tubes:
+                    try:
+                        stats = await conn.stats_tube(tube)
+                    except NotFound:  # nobody watches or uses it there: nothing is ready
+                        continue
+                    counts[tube] += int(stats.get("current-jobs-ready", 0))
+            except (BeanstalkError, ValueError) as exc:
+                log.debug("tube_stats_failed", address=address, error=str(exc))
+        return counts
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            await conn.close()
+        self._conns.clear()

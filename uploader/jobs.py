@@ -1,0 +1,331 @@
+"""A job's life, from the moment beanstalkd hands it over until it is settled.
+
+Admit it (or send it back), check its progress keys, start its run in Redis (fresh, resumed,
+or still cancelled), seat it in the fair ring while its pages are fed and it is kept alive
+and watched for a cancel, then finish it (delete or bury, announced) or release it with its
+progress saved. Whatever happens, the job ends deleted, buried or back in beanstalkd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Literal, cast
+
+import redis.asyncio as aioredis
+import structlog
+
+from uploader.clock import SYSTEM, Time
+from uploader.errors import BadJobError
+from uploader.health import Health
+from uploader.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
+from uploader.progress import Counts, Delivery, Progress, State
+from uploader.redisio import Keys, until_done
+from uploader.ring import Ring
+from uploader.source import HeldJob, ReservationLost, Source
+from uploader.tally import Tally
+
+log = structlog.get_logger("uploader.jobs")
+
+CANCEL_POLL = 1.0  # seconds between checks of a job's cancel key
+DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
+
+Stop = Literal["cancelled", "lost", "draining", "paused"]
+
+
+class JobRun:
+    """One held job: its queue of entries, what is in flight, and why it stopped."""
+
+    def __init__(self, held: HeldJob, spec: JobSpec, manifest: Manifest, started: float,
+                 wake: Callable[[], None]) -> None:
+        self.held = held
+        self.id = spec.id
+        self.manifest = manifest
+        self.weight = held.weight
+        self.pending: deque[Entry] = deque()
+        self.next_page: list[Entry] | None = None
+        self.want_page = asyncio.Event()
+        self.want_page.set()
+        self.loaded = False
+        self.inflight = 0
+        self.counts = Counts()
+        self.total = 0
+        self.cancelled = False
+        self.lost = False
+        self.draining = False
+        self.paused = False  # the store is down: in-flight uploads end, then the job goes back
+        self.unsettled = 0  # entries taken whose upload ended with no outcome (cut, store down)
+        self.idle = asyncio.Event()
+        self.started = started
+        self._wake = wake  # the dispatcher: files are there to take
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.loaded
+            and not self.pending
+            and self.next_page is None
+            and self.inflight == 0
+            and self.unsettled == 0
+        )
+
+    @property
+    def stopped(self) -> bool:
+        """No more files are handed out: cancelled, lost, draining or paused."""
+        return self.cancelled or self.lost or self.draining or self.paused
+
+    def take(self) -> Entry | None:
+        if self.stopped:
+            return None
+        if not self.pending and self.next_page is not None:
+            self.pending.extend(self.next_page)
+            self.next_page = None
+            self.want_page.set()
+        return self.pending.popleft() if self.pending else None
+
+    def offer(self, entries: list[Entry]) -> None:
+        """The next page, for `take` once the current one is used up."""
+        self.next_page = entries
+        self.want_page.clear()
+        self._wake()
+
+    async def wait_taken(self) -> bool:
+        """Until the page offered last is taken; False if the job stopped meanwhile."""
+        await self.want_page.wait()
+        return not self.stopped
+
+    async def hand_on(self, entries: list[Entry]) -> bool:
+        """Offer `entries` once the page before is taken; False if the job stopped first."""
+        if not await self.wait_taken():
+            return False
+        self.offer(entries)
+        return True
+
+    def stop(self, why: Stop) -> None:
+        """Stop handing out files; in-flight ones finish. Draining and paused keep what is
+        pending: the job goes back and resumes."""
+        setattr(self, why, True)
+        if why not in ("draining", "paused"):
+            self.pending.clear()
+            self.next_page = None
+        self.want_page.set()
+        self.check_idle()
+
+    def check_idle(self) -> None:
+        if self.inflight == 0 and (self.complete or self.stopped):
+            self.idle.set()
+
+
+_Put = Callable[[bytes], Awaitable[int]]
+
+
+class CompletionSink:
+    """Announces finished jobs: the completion tube and the Redis events channel."""
+
+    def __init__(self, progress: Progress, put: _Put | None) -> None:
+        self._progress = progress
+        self._put = put
+
+    async def announce(self, message: dict[str, object]) -> None:
+        if self._put is not None:
+            await self._put(json.dumps(message, separators=(",", ":")).encode())
+        await self._progress.publish(message)
+
+
+@dataclass(eq=False)
+class Jobs:
+    source: Source
+    redis: aioredis.Redis
+    keys: Keys
+    progress: Progress
+    tally: Tally
+    completions: CompletionSink
+    health: Health
+    feed: Callable[[JobRun], Coroutine[object, object, None]]  # hands a job's files on, page by page
+    time: Time = SYSTEM
+    ring: Ring[JobRun] = field(init=False, default_factory=Ring)
+    wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # the ring may have files
+    runs: dict[str, JobRun] = field(init=False, default_factory=dict)
+    draining: bool = field(init=False, default=False)
+
+    # --- admission ---
+
+    async def handle(self, held: HeldJob) -> None:
+        """The whole life of one held job; returns once it is settled."""
+        spec = await self._admit(held)
+        if spec is None:
+            return
+        run = JobRun(held, spec, self._manifest(spec), self.time.monotonic(), self.wake.set)
+        self.runs[run.id] = run
+        self.tally.metrics.active_jobs.inc()
+        try:
+            with structlog.contextvars.bound_contextvars(job_id=run.id):
+                await self._work(run)
+        except asyncio.CancelledError:
+            # A drain that Redis held up past `release_timeout`: the job goes back as it is.
+            # Uncancelled while it does, so the release's own timeouts behave as usual.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if not held.settled:
+                await self.source.settle(held, "release")
+                self.tally.released()
+                log.warning("job_released", job_id=run.id, progress_saved=False, **_fields(run.counts))
+            raise
+        except Exception:
+            # A state of Redis or of the job that no check foresaw: this job stops, buried for
+            # an operator to look at; the daemon and every other job go on.
+            log.exception("job_crashed", job_id=run.id, beanstalk_job=held.id)
+            if not held.settled:
+                await self.source.settle(held, "bury")
+                self.tally.buried()
+        finally:
+            del self.runs[run.id]
+            self.tally.metrics.active_jobs.dec()
+
+    async def _admit(self, held: HeldJob) -> JobSpec | None:
+        """The job's spec, or None when it was settled here: refused, or sent back."""
+        try:
+            spec = parse_body(held.body)
+        except BadJobError as exc:
+            await self._refuse(held, exc)
+            return None
+        if self.draining or not self.health.ok:
+            # Taken in the instant the daemon stopped taking work: back at once, untouched.
+            log.info("job_returned", job_id=spec.id, beanstalk_job=held.id,
+                     reason="draining" if self.draining else self.health.describe())
+            await self.source.settle(held, "release")
+            return None
+        if spec.id in self.runs:
+            log.warning("job_already_running", job_id=spec.id, beanstalk_job=held.id)
+            await self.source.settle(held, "release", DUPLICATE_DELAY)
+            return None
+        return spec
+
+    def _manifest(self, spec: JobSpec) -> Manifest:
+        if spec.inline is not None:
+            return InlineManifest(self.redis, self.keys, spec.id, spec.inline)
+        return RedisManifest(self.redis, self.keys, spec.id)
+
+    async def _refuse(self, held: HeldJob, exc: BadJobError) -> None:
+        """A job that cannot even start: buried for an operator, the reason in the log."""
+        log.error("job_refused", beanstalk_job=held.id, tube=held.tube, reason=str(exc))
+        self.tally.buried()
+        await self.source.settle(held, "bury")
+
+    # --- the run ---
+
+    async def _work(self, run: JobRun) -> None:
+        if await self._begin(run):
+            await self._serve(run)
+        if run.lost:
+            await self.progress.flush()
+            log.warning("job_lost", reason="beanstalkd connection lost; the job is back in its tube",
+                        **_fields(run.counts))
+            await self.source.abandon(run.held)
+        elif run.complete or run.cancelled:
+            await self._finish(run)
+        elif not run.held.settled:
+            await self.progress.set_state(run.id, "queued")
+            await self.source.settle(run.held, "release")
+            self.tally.released()
+            log.info("job_released", **_fields(run.counts))
+
+    async def _begin(self, run: JobRun) -> bool:
+        """Start the run in Redis; False when there is nothing to serve (refused, an
+        unreadable list, or a delivery that was cancelled before and stays so)."""
+        try:
+            await self.progress.check_keys(run.id)
+        except BadJobError as exc:
+            await self._refuse(run.held, exc)
+            return False
+        held = run.held
+        delivery = Delivery(held.address, held.id, held.put_at, held.tube)
+        try:
+            run.total = await run.manifest.length()
+        except BadJobError as exc:
+            await self.progress.fail_unreadable(run.id, delivery, str(exc))
+            log.error("job_failed", reason=str(exc))
+            run.loaded = True
+            return False
+        mode = await self.progress.start(run.id, run.total, delivery)
+        if mode == "cancelled":
+            run.loaded = True
+            run.stop("cancelled")
+            return False
+        log.info("job_started", total=run.total, tube=held.tube, beanstalk_job=held.id, run=mode)
+        return True
+
+    async def _serve(self, run: JobRun) -> None:
+        """Seat the job in the ring until it is idle: done, or stopped with nothing in flight."""
+        self.ring.add(run, run.weight)
+        self.wake.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                helpers = [
+                    tg.create_task(self.feed(run)),
+                    tg.create_task(self._keep_alive(run)),
+                    tg.create_task(self._watch_cancel(run)),
+                ]
+                await run.idle.wait()
+                for task in helpers:
+                    task.cancel()
+        finally:
+            self.ring.remove(run)
+
+    async def _finish(self, run: JobRun) -> None:
+        # Announce only a job still ours: after a beanstalkd restart (or a TTR lapse) it is back
+        # in its tube, and the run that holds it next finishes it, so it is announced once.
+        try:
+            await self.source.touch(run.held)
+        except ReservationLost as exc:
+            await self.progress.flush()
+            log.warning("job_lost", reason="reservation lost before the job finished", error=str(exc))
+            await self.source.abandon(run.held)
+            return
+        seconds = self.time.monotonic() - run.started
+        c = run.counts
+        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, failed=c.failed)
+        await self.completions.announce(message)
+        state = cast(State, message["state"])
+        await self.source.settle(run.held, "bury" if state == "failed" else "delete")
+        self.tally.finished(state)
+        log.info(
+            "job_finished", state=state, total=message["total"], uploaded=c.uploaded, skipped=c.skipped,
+            failed=c.failed, bytes=c.bytes, seconds=round(seconds, 3),
+            files_per_second=round(c.settled / seconds, 1) if seconds > 0 else None,
+        )
+
+    async def _keep_alive(self, run: JobRun) -> None:
+        """Touch the job about every TTR/2 so that no other worker is handed it meanwhile."""
+        every = self.source.touch_interval(run.held)
+        while True:
+            await self.time.sleep(every)
+            try:
+                await self.source.touch(run.held)
+            except ReservationLost as exc:
+                log.warning("job_touch_failed", error=str(exc))
+                run.stop("lost")
+                return
+
+    async def _watch_cancel(self, run: JobRun) -> None:
+        """Producers cancel by SET-ting a key, so this polls Redis: one EXISTS per job a second."""
+        key = self.keys.cancel(run.id)
+        while not await until_done(lambda: self.redis.exists(key), "exists"):
+            await self.time.sleep(CANCEL_POLL)
+        log.info("job_cancel_requested")
+        run.stop("cancelled")
+
+    # --- the daemon's say ---
+
+    def stop_all(self, why: Stop) -> None:
+        for run in self.runs.values():
+            if not run.stopped:
+                run.stop(why)
+
+
+def _fields(obj: object) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
