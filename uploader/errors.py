@@ -63,4 +63,8 @@ class StoreUnavailableError(FileError):
 
 
 class InfrastructureError(UploaderError):
-    """Redis or beanstalkd is unreachable: never a reason to fail a file, only to wait."""
+    """beanstalkd or a store's probe cannot be reached: never a reason to fail a file, only to wait.
+
+    Not raised for Redis, whose errors are not translated: `redisio.until_done` waits its
+    outages out.
+    """

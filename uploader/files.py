@@ -111,7 +111,8 @@ class Root:
         return cls(configured=os.path.normpath(path), real=os.path.realpath(path))
 
 
-def _under(path: str, root: str) -> bool:
+def is_under(path: str, root: str) -> bool:
+    """Whether the normalised `path` is `root` or lies below it (a string test: no lookups)."""
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -141,7 +142,7 @@ def place(path: str, roots: tuple[Root, ...]) -> tuple[Root, str]:
     normal = os.path.normpath(path)
     for root in roots:
         for base in (root.configured, root.real):
-            if _under(normal, base):
+            if is_under(normal, base):
                 # Both are normalised and `normal` is or lies below `base`: slicing is relpath.
                 return root, normal[len(base.rstrip("/")) + 1 :]
     raise PermanentFileError(f"path outside the allowed roots: {path!r}")
@@ -296,11 +297,11 @@ def _open_regular(path: str, root: Root, st: os.stat_result, allow_hard_links: b
     except OSError:
         return None  # the slow way gives the same refusal, with the same reason
     try:
-        target = _opened_path(fd)
+        target = opened_path(fd)
         if target is None:
             os.close(fd)
             return None
-        if not _under(target, root.real):
+        if not is_under(target, root.real):
             raise PermanentFileError(f"path resolves outside its allowed root: {path!r}")
         return _checked(fd, path, st, allow_hard_links)
     except BaseException:
@@ -323,7 +324,7 @@ def _checked(fd: int, path: str, st: os.stat_result, allow_hard_links: bool) -> 
 def _open_resolved(path: str, root: Root, allow_hard_links: bool) -> SourceFile:
     """Resolve every symlink by name first, so a path leaving its root is refused unopened."""
     real = os.path.realpath(path)
-    if not _under(real, root.real):
+    if not is_under(real, root.real):
         raise PermanentFileError(f"path resolves outside its allowed root: {path!r}")
     try:
         st = os.lstat(real)
@@ -342,8 +343,8 @@ def _open_resolved(path: str, root: Root, allow_hard_links: bool) -> SourceFile:
             raise PermanentFileError(f"{_kind(opened.st_mode)}, not a regular file: {path!r}")
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
             raise PermanentFileError(f"file was replaced while it was opened: {path!r}")
-        target = _opened_path(fd)
-        if target is not None and not _under(target, root.real):
+        target = opened_path(fd)
+        if target is not None and not is_under(target, root.real):
             raise PermanentFileError(f"path resolves outside its allowed root: {path!r}")
         if opened.st_nlink > 1 and not allow_hard_links:
             raise PermanentFileError(f"file has several hard links, refused: {path!r}")
@@ -353,7 +354,7 @@ def _open_resolved(path: str, root: Root, allow_hard_links: bool) -> SourceFile:
         raise
 
 
-def _opened_path(fd: int) -> str | None:
+def opened_path(fd: int) -> str | None:
     """What the kernel says the descriptor is, where /proc can tell."""
     try:
         return os.readlink(f"/proc/self/fd/{fd}")

@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from uploader.errors import PermanentFileError
-from uploader.files import Root, place
+from uploader.files import Root, is_under, opened_path, place
 from uploader.manifest import Entry, key_problem
 from uploader.redisio import Keys, until_done
 
@@ -67,17 +67,6 @@ class _Frame:
     rel: str  # prefix for children's rel: "" or "sub/dir/"
     names: list[tuple[str, int, int]]  # sorted (name, kind, inode)
     pos: int = 0
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _opened_path(fd: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
 
 
 def _why(exc: OSError, path: str) -> str:
@@ -117,8 +106,8 @@ class Walker:
         try:
             if inode is not None and os.fstat(fd).st_ino != inode:
                 raise OSError(errno.ELOOP, "replaced while listed")
-            real = _opened_path(fd)
-            if real is not None and not _under(real, self.root.real):
+            real = opened_path(fd)
+            if real is not None and not is_under(real, self.root.real):
                 raise PermanentFileError(f"directory resolves outside its allowed root: {path!r}")
             items: list[tuple[str, int, int]] = []
             with os.scandir(fd) as it:

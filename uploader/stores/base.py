@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import aiohttp
 import structlog
 
 from uploader.config import SkipExisting
+from uploader.errors import InfrastructureError, PermanentFileError, TransientFileError, UploaderError
 from uploader.files import SourceFile
+from uploader.manifest import key_problem
 
 log = structlog.get_logger("uploader.stores")
 
@@ -20,6 +24,9 @@ log = structlog.get_logger("uploader.stores")
 # "same-checksum" (x-amz-meta-uploader-sha256 on S3, the meta prefix's header over HTTP).
 SHA256_META = "uploader-sha256"
 _HASH_CHUNK = 1024 * 1024
+
+# A store's one translation of the errors its libraries raise: ours, or None when unknown.
+Translate = Callable[[BaseException], UploaderError | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,56 @@ class Store(Protocol):
         """Raise if the store is unreachable; used by readiness probes."""
 
     async def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def translated(translate: Translate) -> Iterator[None]:
+    """Raise what the block's libraries raise as `translate` says, once, at the store's edge;
+    an error it does not know (or returns as is) goes on unchanged, and cancellation too."""
+    try:
+        yield
+    except Exception as exc:
+        error = translate(exc)
+        if error is None or error is exc:
+            raise
+        raise error from None
+
+
+def probe_failure(translate: Translate, what: str) -> Translate:
+    """`translate` for a store's `check`: whatever it knows means the store is not usable."""
+
+    def unusable(exc: BaseException) -> UploaderError | None:
+        error = translate(exc)
+        return None if error is None else InfrastructureError(f"{what}: {error}")
+
+    return unusable
+
+
+def transport_error(exc: BaseException, store: str) -> TransientFileError | None:
+    """The connection's failures, for any store that speaks HTTP: each worth a retry.
+
+    The library's own message is left out: the URL it names may be presigned, its query a
+    credential."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror
+        return TransientFileError(f"{store}: cannot connect to {exc.host}:{exc.port}: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransientFileError(f"{store}: server disconnected")
+    if isinstance(exc, aiohttp.ClientError):
+        return TransientFileError(f"{store}: connection error: {type(exc).__name__}")
+    if isinstance(exc, TimeoutError):
+        return TransientFileError(f"{store}: request timed out")
+    if isinstance(exc, OSError):
+        return TransientFileError(f"{store}: connection error: {exc.strerror or type(exc).__name__}")
+    return None
+
+
+def checked_key(key: str, store: str) -> str:
+    """`key`, or PermanentFileError when `key_problem` refuses it: no key climbs out of the
+    store's root or prefix, whoever built it."""
+    if (problem := key_problem(key)) is not None:
+        raise PermanentFileError(f"{store}: {problem}: {key!r}")
+    return key
 
 
 async def already_stored(store: Store, key: str, source: SourceFile, mode: SkipExisting) -> bool:

@@ -28,6 +28,7 @@ from uploader.errors import (
     TransientFileError,
 )
 from uploader.files import SourceFile
+from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
 
 EXCERPT = 200  # characters of an error response's body kept in the reason
@@ -71,18 +72,8 @@ def connection_error(exc: BaseException) -> FileError | None:
     if isinstance(exc, FileError):
         return exc
     if isinstance(exc, aiohttp.InvalidURL):
-        return PermanentFileError("http: invalid URL")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return TransientFileError(f"http: cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return TransientFileError("http: server disconnected")
-    if isinstance(exc, aiohttp.ClientError):
-        return TransientFileError(f"http: connection error: {type(exc).__name__}")
-    if isinstance(exc, TimeoutError):
-        return TransientFileError("http: request timed out")
-    if isinstance(exc, OSError):
-        return TransientFileError(f"http: connection error: {exc.strerror or type(exc).__name__}")
-    return None
+        return PermanentFileError("http: invalid URL")  # an entry's own URL: no retry mends it
+    return base.transport_error(exc, "http")
 
 
 class HttpStore:
@@ -124,7 +115,7 @@ class HttpStore:
     async def check(self) -> None:
         """GET the health URL (any 2xx), or just connect to the template's host."""
         session = self._require()
-        try:
+        with base.translated(base.probe_failure(connection_error, "http: store not reachable")):
             if self.config.health_url:
                 async with session.get(
                     URL(self.config.health_url, encoded=True), headers=self._static(self.config.health_url)
@@ -139,13 +130,6 @@ class HttpStore:
                 _, writer = await asyncio.open_connection(host, port)
             writer.close()
             await writer.wait_closed()
-        except InfrastructureError:
-            raise
-        except Exception as exc:
-            error = connection_error(exc)
-            if error is None:
-                raise
-            raise InfrastructureError(f"http: store not reachable: {error.reason}") from None
 
     # -- objects -----------------------------------------------------------------------------
 
@@ -189,7 +173,7 @@ class HttpStore:
             return None
         session = self._require()
         url = self._url_for(key)
-        try:
+        with base.translated(connection_error):
             async with session.head(
                 URL(url, encoded=True), headers=self._static(url), allow_redirects=False
             ) as response:
@@ -207,11 +191,6 @@ class HttpStore:
                     md5=etag.group(1).lower() if etag else None,
                     sha256=sha256.lower() if sha256 else None,
                 )
-        except Exception as exc:
-            error = connection_error(exc)
-            if error is None or error is exc:
-                raise
-            raise error from None
 
     async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
         session = self._require()
@@ -234,7 +213,8 @@ class HttpStore:
                 else await file_digest(source, "sha256")  # streamed: one extra read
             )
             headers[self.config.meta_prefix + SHA256_META] = digest
-        try:
+        # A failure reading the file surfaces from aiohttp as whatever it wrapped it in.
+        with base.translated(lambda exc: connection_error(failure[0] if failure else exc)):
             async with session.put(
                 URL(url, encoded=True),
                 data=body,
@@ -245,13 +225,6 @@ class HttpStore:
                     raise status_error(
                         response.status, response.reason or "", await _excerpt(response), bool(request.url)
                     )
-        except Exception as exc:
-            # A failure reading the file surfaces from aiohttp as whatever it wrapped it in.
-            cause = failure[0] if failure else exc
-            error = connection_error(cause)
-            if error is None or error is exc:
-                raise
-            raise error from None
         return PutResult(bytes_sent=size)
 
     async def _chunks(self, source: SourceFile, failure: list[BaseException]) -> AsyncIterator[bytes]:

@@ -18,6 +18,7 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 
 from uploader.config import LocalStoreConfig
 from uploader.errors import (
@@ -28,8 +29,8 @@ from uploader.errors import (
     StoreUnavailableError,
     TransientFileError,
 )
-from uploader.files import INLINE_READ_LIMIT, SourceFile
-from uploader.stores.base import PutRequest, PutResult, StoredObject
+from uploader.files import INLINE_READ_LIMIT, SourceFile, is_under, opened_path
+from uploader.stores.base import PutRequest, PutResult, StoredObject, checked_key, translated
 
 # One copy syscall moves at most this much, so a cancelled upload stops within one chunk.
 CHUNK = 8 * 1024 * 1024
@@ -77,18 +78,7 @@ _NEVER = threading.Event()  # the cancellation flag of an inline put: never set
 
 def split_key(key: str) -> list[str]:
     """The key's path segments, or PermanentFileError for a key that could escape the root."""
-    if not key:
-        raise PermanentFileError("local store: empty key")
-    if "\x00" in key:
-        raise PermanentFileError(f"local store: key contains a NUL byte: {key!r}")
-    if "\\" in key:
-        raise PermanentFileError(f"local store: key contains a backslash: {key!r}")
-    if key.startswith("/"):
-        raise PermanentFileError(f"local store: key must not start with '/': {key!r}")
-    parts = key.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise PermanentFileError(f"local store: key has an empty, '.' or '..' segment: {key!r}")
-    return parts
+    return checked_key(key, "local store").split("/")
 
 
 def translate_os_error(exc: OSError, key: str) -> FileError:
@@ -103,6 +93,11 @@ def translate_os_error(exc: OSError, key: str) -> FileError:
     if code in _PERMANENT_REASONS:
         return PermanentFileError(f"local store: {_PERMANENT_REASONS[code]}: {key!r}")
     return TransientFileError(f"local store: {exc.strerror or exc} (errno {code}) for {key!r}")
+
+
+def _os_errors(key: str) -> AbstractContextManager[None]:
+    """The block's OSErrors leave the store as `translate_os_error` words them for `key`."""
+    return translated(lambda exc: translate_os_error(exc, key) if isinstance(exc, OSError) else None)
 
 
 PROBE_BYTES = 4096  # one block: a full file system refuses it, where an empty file may pass
@@ -124,10 +119,6 @@ def _write_probe(root: str) -> None:
     except OSError as exc:
         reason = _OUTAGE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
         raise InfrastructureError(f"local store: cannot write to root {root!r}: {reason}") from None
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class LocalStore:
@@ -230,8 +221,8 @@ class LocalStore:
                     raise
                 os.close(dfd)
                 dfd = child
-            real = _fd_path(dfd)
-            if real is not None and not _under(real, root_real):
+            real = opened_path(dfd)
+            if real is not None and not is_under(real, root_real):
                 raise PermanentFileError(f"local store: key resolves outside the root: {key!r}")
             return dfd, touched
         except BaseException:
@@ -241,36 +232,31 @@ class LocalStore:
             raise
 
     def _stat(self, key: str, parts: list[str], checksum: bool) -> StoredObject | None:
-        try:
-            dfd, _ = self._open_parent(key, parts, create=False)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ENOTDIR:
+        with _os_errors(key):
+            try:
+                dfd, _ = self._open_parent(key, parts, create=False)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTDIR:
+                    return None
+                raise
+            try:
+                st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                if not checksum:
+                    return StoredObject(st.st_size)
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
                 return None
-            raise translate_os_error(exc, key) from None
-        try:
-            st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            if not checksum:
-                return StoredObject(st.st_size)
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise translate_os_error(exc, key) from None
-        finally:
-            os.close(dfd)
-        try:
-            h, size = hashlib.sha256(), 0
-            while chunk := os.read(fd, 1024 * 1024):
-                h.update(chunk)
-                size += len(chunk)
-        except OSError as exc:
-            raise translate_os_error(exc, key) from None
-        finally:
-            os.close(fd)
+            finally:
+                os.close(dfd)
+            try:
+                h, size = hashlib.sha256(), 0
+                while chunk := os.read(fd, 1024 * 1024):
+                    h.update(chunk)
+                    size += len(chunk)
+            finally:
+                os.close(fd)
         return StoredObject(size, sha256=h.hexdigest())
 
     def _put(
@@ -284,49 +270,50 @@ class LocalStore:
     ) -> PutResult:
         dfd = -1
         touched: list[int] = []
-        tmp_name = ""
-        tmp_fd = -1
         try:
-            dfd, touched = self._open_parent(key, parts, create=True)
-            name = parts[-1]
-            try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                if stat.S_ISDIR(st.st_mode):
-                    raise PermanentFileError(f"local store: the key names an existing directory: {key!r}")
-            # Not derived from `name`: a name near NAME_MAX (255 bytes) must still fit.
-            tmp_name = f".{secrets.token_hex(8)}.tmp"
-            tmp_fd = os.open(tmp_name, _TMP_FLAGS, 0o644, dir_fd=dfd)
-            _copy(src, tmp_fd, size, cancelled)
-            if self.config.fsync:
-                os.fsync(tmp_fd)
-            os.close(tmp_fd)
-            tmp_fd = -1
-            check_unchanged()
-            if cancelled.is_set():
-                raise _Cancelled
-            os.replace(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            tmp_name = ""
-            if self.config.fsync:
-                os.fsync(dfd)
-                for fd in touched:
-                    os.fsync(fd)
+            with _os_errors(key):
+                dfd, touched = self._open_parent(key, parts, create=True)
+                _refuse_directory(parts[-1], dfd, key)
+                self._write_over(src, size, dfd, parts[-1], check_unchanged, cancelled)
+                if self.config.fsync:
+                    for fd in (dfd, *touched):
+                        os.fsync(fd)
             return PutResult(bytes_sent=size)
-        except OSError as exc:
-            raise translate_os_error(exc, key) from None
         finally:
-            if tmp_fd >= 0:
-                os.close(tmp_fd)
-            if tmp_name:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name, dir_fd=dfd)
             if dfd >= 0:
                 os.close(dfd)
             for fd in touched:
                 os.close(fd)
             os.close(src)
+
+    def _write_over(
+        self,
+        src: int,
+        size: int,
+        dfd: int,
+        name: str,
+        check_unchanged: Callable[[], None],
+        cancelled: threading.Event,
+    ) -> None:
+        """Copy into a temporary file beside `name`, then rename it over: no reader sees a part."""
+        # Not derived from `name`: a name near NAME_MAX (255 bytes) must still fit.
+        tmp_name = f".{secrets.token_hex(8)}.tmp"
+        tmp_fd = os.open(tmp_name, _TMP_FLAGS, 0o644, dir_fd=dfd)
+        try:
+            try:
+                _copy(src, tmp_fd, size, cancelled)
+                if self.config.fsync:
+                    os.fsync(tmp_fd)
+            finally:
+                os.close(tmp_fd)
+            check_unchanged()
+            if cancelled.is_set():
+                raise _Cancelled
+            os.replace(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name, dir_fd=dfd)
+            raise
 
 
 def _copy(src: int, dst: int, size: int, cancelled: threading.Event) -> None:
@@ -391,8 +378,11 @@ def _is_symlink(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _fd_path(fd: int) -> str | None:
+def _refuse_directory(name: str, dir_fd: int, key: str) -> None:
+    """A key naming an existing directory fails: renaming a file over it cannot work."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise PermanentFileError(f"local store: the key names an existing directory: {key!r}")

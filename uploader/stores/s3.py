@@ -3,7 +3,7 @@
 Small files go up in one PutObject; files from `multipart_threshold` up go part by part,
 one part in memory at a time, and an unfinished multipart upload is always aborted.
 botocore's own retries are off: `retry.py` decides what is retried, from the errors that
-`classify_s3_error` translates here, at the boundary.
+`classify_s3_error` translates here, at the boundary (`base.translated`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import re
 from typing import Any
 
 import aioboto3
-import aiohttp
 import structlog
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
@@ -34,15 +33,15 @@ from uploader.config import S3StoreConfig
 from uploader.errors import (
     ConfigError,
     FileError,
-    InfrastructureError,
     PermanentFileError,
     StoreUnavailableError,
     ThrottledError,
     TransientFileError,
 )
 from uploader.files import SourceFile
+from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
-from uploader.stores.s3lean import Credentials, LeanPut, UseBotocore
+from uploader.stores.s3lean import Credentials, CredentialSource, LeanPut, UseBotocore
 
 log = structlog.get_logger("uploader.s3")
 
@@ -112,17 +111,7 @@ def classify_s3_error(exc: BaseException) -> FileError | None:
     if isinstance(exc, asyncio.CancelledError):
         return None
     if isinstance(exc, ClientError):
-        code, status, message = _client_error_parts(exc)
-        head = f"s3: {code} ({status})" if status else f"s3: {code}"
-        if code in THROTTLE_CODES or status in (429, 503):
-            return ThrottledError(head)
-        if code in OUTAGE_CODES or status in (401, 403):
-            # A bucket policy may deny one prefix: AccessDenied alone is asked of the probe.
-            per_key = code not in OUTAGE_CODES or code == "AccessDenied"
-            return StoreUnavailableError(f"{head}: {message}" if message else head, per_key)
-        if code in TRANSIENT_CODES or status >= 500 or status == 0:
-            return TransientFileError(f"{head}: {message}" if message else head)
-        return PermanentFileError(f"{head}: {message}" if message else head)
+        return _reply_error(exc)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return StoreUnavailableError("s3: no usable credentials found")
     if isinstance(exc, ParamValidationError):
@@ -133,13 +122,23 @@ def classify_s3_error(exc: BaseException) -> FileError | None:
     if isinstance(exc, BotoCoreError):
         # Incomplete reads, response streaming errors and the like: the request may succeed.
         return TransientFileError(f"s3: {type(exc).__name__}: {_one_line(exc)}")
-    if isinstance(exc, aiohttp.ClientError):
-        return TransientFileError(f"s3: connection error: {type(exc).__name__}: {_one_line(exc)}")
-    if isinstance(exc, TimeoutError):
-        return TransientFileError("s3: request timed out")
-    if isinstance(exc, OSError):
-        return TransientFileError(f"s3: connection error: {exc.strerror or _one_line(exc)}")
-    return None
+    # The lean path's aiohttp errors, and timeouts and resets from under either path.
+    return base.transport_error(exc, "s3")
+
+
+def _reply_error(exc: ClientError) -> FileError:
+    """An S3 error reply judged by its code and status: slow down, outage, retry, or fail."""
+    code, status, message = _client_error_parts(exc)
+    head = f"s3: {code} ({status})" if status else f"s3: {code}"
+    if code in THROTTLE_CODES or status in (429, 503):
+        return ThrottledError(head)
+    if code in OUTAGE_CODES or status in (401, 403):
+        # A bucket policy may deny one prefix: AccessDenied alone is asked of the probe.
+        per_key = code not in OUTAGE_CODES or code == "AccessDenied"
+        return StoreUnavailableError(f"{head}: {message}" if message else head, per_key)
+    if code in TRANSIENT_CODES or status >= 500 or status == 0:
+        return TransientFileError(f"{head}: {message}" if message else head)
+    return PermanentFileError(f"{head}: {message}" if message else head)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,23 +146,67 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
-def _translated(exc: BaseException) -> BaseException:
-    return classify_s3_error(exc) or exc
-
-
 def object_name(prefix: str, key: str) -> str:
-    """`prefix + key`, refusing keys that look like paths escaping the prefix."""
-    if not key:
-        raise PermanentFileError("s3: empty key")
-    if "\x00" in key:
-        raise PermanentFileError(f"s3: key contains a NUL byte: {key!r}")
-    if key.startswith("/"):
-        raise PermanentFileError(f"s3: key must not start with '/': {key!r}")
-    if ".." in key.split("/"):
-        raise PermanentFileError(f"s3: key contains a '..' segment: {key!r}")
+    """`prefix + key`, for a key that `key_problem` lets through (none climbs out of the prefix)."""
+    base.checked_key(key, "s3")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return prefix + key
+
+
+def boto_config(config: S3StoreConfig, concurrency: int) -> BotoConfig:
+    """botocore with its own retries off (`retry.py` decides) and a pool for every upload slot."""
+    return BotoConfig(
+        max_pool_connections=max(10, concurrency),
+        retries={"max_attempts": 1, "mode": "standard"},
+        connect_timeout=config.timeout,
+        read_timeout=config.timeout,
+        s3={"addressing_style": config.addressing_style},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
+def client_args(config: S3StoreConfig, concurrency: int) -> dict[str, Any]:
+    """Keyword arguments of the aioboto3 client: credentials only where the config sets them."""
+    args: dict[str, Any] = {"region_name": config.region or None, "config": boto_config(config, concurrency)}
+    if config.endpoint_url:
+        args["endpoint_url"] = config.endpoint_url
+    if config.access_key_id:
+        args["aws_access_key_id"] = config.access_key_id
+        args["aws_secret_access_key"] = config.secret_access_key
+        if config.session_token:
+            args["aws_session_token"] = config.session_token
+    return args
+
+
+def refusal(bucket: str, code: str, status: int) -> str:
+    """Why the bucket refused the start-up check, in words an operator acts on."""
+    if status == 404 or code == "NoSuchBucket":
+        return f"s3: bucket {bucket!r} does not exist ({code}, {status})"
+    if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"s3: access to bucket {bucket!r} refused, check the credentials ({code}, {status})"
+    return f"s3: bucket {bucket!r} refused the request ({code}, {status})"
+
+
+def credential_source(config: S3StoreConfig, core: AioSession) -> CredentialSource:
+    """The lean path's credentials: the configured keys, or botocore's own chain."""
+    if config.access_key_id:
+        static = Credentials(config.access_key_id, config.secret_access_key, config.session_token or None)
+
+        async def configured() -> Credentials | None:
+            return static
+
+        return configured
+
+    async def chain() -> Credentials | None:
+        found = await core.get_credentials()  # refreshable ones refresh themselves
+        if found is None:
+            return None
+        frozen = await found.get_frozen_credentials()
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    return chain
 
 
 class S3Store:
@@ -176,68 +219,49 @@ class S3Store:
         # Single-part PUTs without botocore's per-request machinery; None: all go through aioboto3.
         self._lean: LeanPut | None = None
 
-    def memory_needed(self, size: int) -> int:
-        if size < self.config.multipart_threshold:
-            return size
-        return self.config.part_size
-
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def _boto_config(self) -> BotoConfig:
-        c = self.config
-        return BotoConfig(
-            max_pool_connections=max(10, self.concurrency),
-            retries={"max_attempts": 1, "mode": "standard"},
-            connect_timeout=c.timeout,
-            read_timeout=c.timeout,
-            s3={"addressing_style": c.addressing_style},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
 
     async def start(self) -> None:
         if self._client is not None:
             return
-        c = self.config
         core = AioSession()
         session = aioboto3.Session(botocore_session=core)
-        kwargs: dict[str, Any] = {"region_name": c.region or None, "config": self._boto_config()}
-        if c.endpoint_url:
-            kwargs["endpoint_url"] = c.endpoint_url
-        if c.access_key_id:
-            kwargs["aws_access_key_id"] = c.access_key_id
-            kwargs["aws_secret_access_key"] = c.secret_access_key
-            if c.session_token:
-                kwargs["aws_session_token"] = c.session_token
         stack = contextlib.AsyncExitStack()
         try:
-            self._client = await stack.enter_async_context(session.client("s3", **kwargs))
+            client_cm = session.client("s3", **client_args(self.config, self.concurrency))
+            self._client = await stack.enter_async_context(client_cm)
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
+        await self._first_check()
+        self._lean = await self._lean_path(core)
+
+    async def _first_check(self) -> None:
+        """HEAD the bucket once at start: ConfigError for what no wait can fix; a bucket missing
+        or refused now, or one not reachable, is an outage the daemon waits out."""
+        bucket = self.config.bucket
         try:
-            await self._client.head_bucket(Bucket=c.bucket)
+            await self._client.head_bucket(Bucket=bucket)
         except ClientError as exc:
             code, status, _ = _client_error_parts(exc)
             if status in (403, 404) or code in OUTAGE_CODES:
                 # Missing or refused now, perhaps not in a minute (a bucket being created, a
                 # policy being fixed): an outage that readiness reports, not a fatal error.
-                log.warning("store_unavailable", reason=self._refusal(code, status))
+                log.warning("store_unavailable", reason=refusal(bucket, code, status))
             elif 400 <= status < 500 and status not in (408, 429):
                 await self.close()
-                raise ConfigError(self._refusal(code, status)) from None
+                raise ConfigError(refusal(bucket, code, status)) from None
         except (NoCredentialsError, PartialCredentialsError):
             await self.close()
             raise ConfigError(
-                f"s3: no usable credentials for bucket {c.bucket!r} "
+                f"s3: no usable credentials for bucket {bucket!r} "
                 "(set [store.s3].access_key_id or the standard AWS variables)"
             ) from None
         except Exception as exc:  # unreachable now: the daemon retries later
             if classify_s3_error(exc) is None:
                 await self.close()
                 raise
-        self._lean = await self._lean_path(core)
 
     async def _lean_path(self, core: AioSession) -> LeanPut | None:
         """The lean PUT, addressed where botocore would send a PutObject; None when the bucket is
@@ -249,41 +273,18 @@ class S3Store:
         url = await self._client.generate_presigned_url(
             "put_object", Params={"Bucket": c.bucket, "Key": probe}, ExpiresIn=60
         )
-        base = url.split("?", 1)[0]  # the query is a presigned signature, of no use here
-        if not base.endswith("/" + probe):
+        bucket_url = url.split("?", 1)[0]  # the query is a presigned signature, of no use here
+        if not bucket_url.endswith("/" + probe):
             return None
-        if c.access_key_id:
-            static = Credentials(c.access_key_id, c.secret_access_key, c.session_token or None)
-
-            async def credentials() -> Credentials | None:
-                return static
-
-        else:
-
-            async def credentials() -> Credentials | None:
-                found = await core.get_credentials()  # refreshable ones refresh themselves
-                if found is None:
-                    return None
-                frozen = await found.get_frozen_credentials()
-                return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-
         lean = LeanPut(
-            base[: -len(probe)],
+            bucket_url[: -len(probe)],
             self._client.meta.region_name or "us-east-1",
-            credentials,
+            credential_source(c, core),
             max(10, self.concurrency),
             c.timeout,
         )
         await lean.start()
         return lean
-
-    def _refusal(self, code: str, status: int) -> str:
-        bucket = self.config.bucket
-        if status == 404 or code == "NoSuchBucket":
-            return f"s3: bucket {bucket!r} does not exist ({code}, {status})"
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return f"s3: access to bucket {bucket!r} refused, check the credentials ({code}, {status})"
-        return f"s3: bucket {bucket!r} refused the request ({code}, {status})"
 
     async def close(self) -> None:
         if self._aborts:
@@ -296,16 +297,9 @@ class S3Store:
             await stack.aclose()
 
     async def check(self) -> None:
-        client = self._require()
-        try:
-            await client.head_bucket(Bucket=self.config.bucket)
-        except Exception as exc:
-            error = classify_s3_error(exc)
-            if error is None:
-                raise
-            raise InfrastructureError(
-                f"s3: bucket {self.config.bucket!r} not usable: {error.reason}"
-            ) from None
+        client, bucket = self._require(), self.config.bucket
+        with base.translated(base.probe_failure(classify_s3_error, f"s3: bucket {bucket!r} not usable")):
+            await client.head_bucket(Bucket=bucket)
 
     def _require(self) -> Any:
         if self._client is None:
@@ -314,6 +308,12 @@ class S3Store:
 
     # -- objects -----------------------------------------------------------------------------
 
+    def memory_needed(self, size: int) -> int:
+        """One part at a time from the multipart threshold up, else the whole body."""
+        if size < self.config.multipart_threshold:
+            return size
+        return self.config.part_size
+
     def conditional(self, size: int) -> bool:
         return self.config.conditional_put and size < self.config.multipart_threshold
 
@@ -321,18 +321,14 @@ class S3Store:
         """One HEAD: the size, the ETag's MD5 when single-part, our SHA-256 metadata if any."""
         client = self._require()
         name = object_name(self.config.prefix, key)
-        try:
-            response = await client.head_object(Bucket=self.config.bucket, Key=name)
-        except ClientError as exc:
-            code, status, _ = _client_error_parts(exc)
-            if status == 404 or code in NOT_FOUND_CODES:
-                return None
-            raise _translated(exc) from None
-        except Exception as exc:
-            error = classify_s3_error(exc)
-            if error is None or error is exc:
+        with base.translated(classify_s3_error):
+            try:
+                response = await client.head_object(Bucket=self.config.bucket, Key=name)
+            except ClientError as exc:
+                code, status, _ = _client_error_parts(exc)
+                if status == 404 or code in NOT_FOUND_CODES:
+                    return None
                 raise
-            raise error from None
         etag = _MD5_ETAG.match(str(response.get("ETag") or ""))
         sha256 = (response.get("Metadata") or {}).get(SHA256_META)
         return StoredObject(
@@ -344,18 +340,13 @@ class S3Store:
     async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
         client = self._require()
         name = object_name(self.config.prefix, request.key)
-        try:
+        with base.translated(classify_s3_error):
             if source.size < self.config.multipart_threshold:
                 # An overall deadline as well as the socket timeouts: a server that accepts the
                 # connection and then never answers must not hold an upload slot for ever.
                 async with asyncio.timeout(2 * self.config.timeout):
                     return await self._put_single(client, name, source, request)
             return await self._put_multipart(client, name, source, request)
-        except Exception as exc:
-            error = classify_s3_error(exc)
-            if error is None or error is exc:
-                raise
-            raise error from None
 
     async def _put_single(self, client: Any, name: str, source: SourceFile, request: PutRequest) -> PutResult:
         body = await source.read_all() if source.size else b""
