@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.helpers import Env
+from tests.helpers import Env, wait_until
 from uploader import config as config_mod
 from uploader.config import HttpStoreConfig
 from uploader.errors import (
@@ -366,6 +366,9 @@ async def test_daemon_fails_a_file_refused_with_403_and_buries_the_job(env: Env,
         assert await env.failures("j2") == {
             str(paths[1]): "http: 403 Forbidden: AccessDenied: not your bucket"
         }
-        stats = await env.tube_stats()
-        assert stats["current-jobs-buried"] == "1"
+
+        async def buried() -> bool:  # the final state is written before the job is buried
+            return (await env.tube_stats())["current-jobs-buried"] == "1"
+
+        await wait_until(buried, what="the job buried")
     assert blobs.attempts[denied] == 1
