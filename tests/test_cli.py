@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Env, wait_until, write_config
-from uploader import cli, devservers
+from uploader import cli, devservers, jobctl
 from uploader import config as config_mod
 
 
@@ -300,7 +300,7 @@ async def test_cancel_refuses_a_bad_id(env: Env) -> None:
 async def test_wait_hints_once_when_no_daemon_watches_the_tube(
     env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "HINT_AFTER", 0.1)
+    monkeypatch.setattr(jobctl, "HINT_AFTER", 0.1)
     job_id = f"lonely-{env.tag}"
     argv = ["enqueue", "--config", str(cli_config(env)), "--job", job_id, "--wait", str(env.uploads / "a")]
     running = asyncio.ensure_future(asyncio.to_thread(cli.run, argv))
@@ -325,12 +325,12 @@ async def test_no_hint_while_a_daemon_watches_the_tube(env: Env) -> None:
     producer = await env.conn()
     await producer.use(env.tube)
     await producer.put(b"x")
-    assert await cli._unwatched_hint(producer, env.tube) is not None
+    assert await jobctl._unwatched_hint(producer, env.tube) is not None
 
     watcher = await env.conn()
     await watcher.watch(env.tube)
 
-    assert await cli._unwatched_hint(producer, env.tube) is None
+    assert await jobctl._unwatched_hint(producer, env.tube) is None
 
 
 async def test_version_names_the_package_version(env: Env) -> None:

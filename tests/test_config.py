@@ -309,6 +309,51 @@ def test_the_sample_files_commented_examples_parse(tmp_path: Path) -> None:
         load_text(tmp_path, f"[{table}]\n{line}\n")  # raises ConfigError naming the line
 
 
+# --- SIGHUP: what a reload applies, and what waits for a restart ---
+
+
+def test_a_reload_applies_the_live_keys_and_names_no_table() -> None:
+    old = config.parse({"upload": {"concurrency": 8}}, "a.toml")
+    fresh = config.parse(
+        {
+            "upload": {"concurrency": 16, "adaptive": False, "min_concurrency": 2},
+            "daemon": {"log_level": "debug", "log_format": "json"},
+            "http": {"token": "new-token"},
+            "limits": {"files_per_second": 5},
+        },
+        "a.toml",
+    )
+
+    reload = config.reloaded(old, fresh)
+
+    assert reload.restart == ()
+    assert reload.config == dataclasses.replace(fresh, path="a.toml")
+
+
+def test_a_reload_keeps_a_restart_only_change_and_names_its_table() -> None:
+    old = config.parse({"upload": {"allowed_roots": ["/srv/a"]}}, "a.toml")
+    fresh = config.parse(
+        {"upload": {"allowed_roots": ["/srv/b"], "concurrency": 9}, "redis": {"key_prefix": "other:"}},
+        "a.toml",
+    )
+
+    reload = config.reloaded(old, fresh)
+
+    assert reload.restart == ("redis", "upload")
+    assert reload.config.upload.allowed_roots == ("/srv/a",)
+    assert reload.config.upload.concurrency == 9
+    assert reload.config.redis == old.redis
+
+
+def test_a_reload_never_names_the_path() -> None:
+    old, fresh = Config(path="old.toml"), Config(path="new.toml")
+
+    reload = config.reloaded(old, fresh)
+
+    assert reload.restart == ()
+    assert reload.config.path == "old.toml"
+
+
 # --- check-config ---
 
 

@@ -8,93 +8,32 @@ says which kind it was: 0 ok, 1 the answer is no (job failed, not found, not can
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
 import importlib.metadata
 import json
-import os
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from collections.abc import Sequence
+from typing import NoReturn
 
 import redis.exceptions
 
 from uploader import config as config_mod
-from uploader.beanstalk import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost, NotFound
-from uploader.config import TUBE_NAME, Config
+from uploader import jobctl
+from uploader.beanstalk import DEFAULT_PRIORITY, BeanstalkError, ConnectionLost
+from uploader.clicommon import (
+    BUG,
+    DEFAULT_CONFIG,
+    NO,
+    OK,
+    UNREACHABLE,
+    USAGE,
+    CliError,
+    load_config,
+    reason,
+    run_async,
+)
 from uploader.errors import ConfigError
-from uploader.manifest import JOB_ID, BadEntry, parse_entry
-from uploader.redisio import Keys, text, text_map
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-T = TypeVar("T")
-DEFAULT_CONFIG = os.environ.get("UPLOADER_CONFIG", "/etc/uploader/uploader.toml")
-FINAL_STATES = {"done", "failed", "cancelled"}
-LIVE_STATES = {"queued", "running"}
-OK, NO, USAGE, UNREACHABLE = 0, 1, 2, 3
-BUG = 70  # an error nobody foresaw: still one line, but a bug to report
-CONNECT_TIMEOUT = 3.0  # seconds to reach Redis or beanstalkd before saying it is unreachable
-REPLY_TIMEOUT = 10.0  # seconds a connected server may take to answer one command
-HINT_AFTER = 5.0  # seconds a waited-for job may sit queued before we look for a daemon
 MAX_UINT32 = 2**32 - 1
-
-
-class CliError(Exception):
-    """A failure told in one line; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _load(path: str | None, required: bool) -> Config:
-    """The named config; the default path when it exists; else built-in defaults."""
-    if path is not None or required or os.path.exists(DEFAULT_CONFIG):
-        return config_mod.load(path or DEFAULT_CONFIG)
-    return Config()
-
-
-def _run_async(main: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-# --- checking input before anything is sent ---
-
-
-def _job_id(text: str) -> str:
-    """A job ID as the daemon accepts it; anything else would only be buried there."""
-    if not JOB_ID.match(text):
-        raise CliError(f"{text!r} is not a job ID (1-200 of A-Z a-z 0-9 . _ : -)", USAGE)
-    return text
-
-
-def _tube(name: str) -> str:
-    if not TUBE_NAME.match(name):
-        raise CliError(f"{name!r} is not a valid beanstalkd tube name", USAGE)
-    return name
-
-
-def _entry(index: int, path: str) -> str:
-    """One command-line path as a manifest entry, refused here rather than failed by the daemon."""
-    full = os.path.abspath(path)
-    try:
-        data = full.encode("utf-8")
-    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogate escapes
-        shown = os.fsencode(full).decode("utf-8", "backslashreplace")
-        raise CliError(f"{shown}: path is not valid UTF-8", USAGE) from None
-    parsed = parse_entry(index, data)
-    if isinstance(parsed, BadEntry):
-        raise CliError(f"{parsed.label}: {parsed.reason}", USAGE)
-    return full
 
 
 def _uint32(value: str) -> int:
@@ -112,71 +51,6 @@ def _positive(value: str) -> int:
     return number
 
 
-# --- servers: fail fast, and say which one ---
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost OS reason ("Connection refused"), else the error's own words."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, TimeoutError):
-            return "timed out"
-        if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__
-
-
-@asynccontextmanager
-async def _redis(config: Config) -> AsyncIterator[Redis]:
-    """A client that gives up after CONNECT_TIMEOUT, its outages told as one line naming it."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    url = config.redis.url
-    client = Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=REPLY_TIMEOUT, retry=Retry(NoBackoff(), 0)
-    )
-    try:
-        yield client
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise CliError(
-            f"Redis at {config_mod.mask_url(url)} unreachable: {_reason(exc)}", UNREACHABLE
-        ) from None
-    finally:
-        await client.aclose()
-
-
-async def _connect(address: str) -> Connection:
-    return await Connection.connect(address, timeout=CONNECT_TIMEOUT)
-
-
-async def _within(conn: Connection, call: Awaitable[T]) -> T:
-    """A beanstalkd reply within REPLY_TIMEOUT: a server that connects but never answers is down."""
-    try:
-        async with asyncio.timeout(REPLY_TIMEOUT):
-            return await call
-    except TimeoutError:
-        await conn.close()
-        raise ConnectionLost(f"beanstalkd at {conn.address} did not answer in {REPLY_TIMEOUT:g} s") from None
-
-
-async def _producer(config: Config, tube: str) -> Connection:
-    """The first configured beanstalkd that answers, using `tube`; checked before Redis is written."""
-    failure: ConnectionLost | None = None
-    for address in config.source.addresses:
-        try:
-            conn = await _connect(address)
-        except ConnectionLost as exc:
-            failure = exc
-            continue
-        await _within(conn, conn.use(tube))
-        return conn
-    assert failure is not None
-    raise failure
-
-
 # --- commands ---
 
 
@@ -184,354 +58,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from uploader import logs
     from uploader.daemon import Daemon
 
-    config = _load(args.config, required=True)
+    config = load_config(args.config, required=True)
     logs.configure(config.daemon.log_level, config.daemon.log_format)
 
     async def main() -> int:
         await Daemon(config).run()
         return OK
 
-    return _run_async(main())
+    return run_async(main())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = config_mod.load(args.path)
     print(json.dumps(config_mod.redacted(config), indent=2))
     return OK
-
-
-def cmd_enqueue(args: argparse.Namespace) -> int:
-    config = _load(args.config, required=False)
-    job_id = _job_id(args.job) if args.job is not None else uuid.uuid4().hex
-    tube = _tube(args.tube or config.source.tubes[0].name)
-    entries = [_entry(i, p) for i, p in enumerate(args.paths)]
-
-    async def main() -> int:
-        conn = await _producer(config, tube)
-        try:
-            async with _redis(config) as redis:
-                keys = Keys(config.redis.key_prefix)
-                await _refuse_unfinished(redis, keys, job_id)
-                await _write_job(redis, keys, job_id, entries)
-                await _put_or_undo(conn, redis, keys, job_id, args.priority, args.ttr)
-                print(job_id, flush=True)
-                if not args.wait:
-                    return OK
-                return await _watch(redis, keys, job_id, functools.partial(_unwatched_hint, conn, tube))
-        finally:
-            await conn.close()
-
-    return _run_async(main())
-
-
-async def _refuse_unfinished(redis: Redis, keys: Keys, job_id: str) -> None:
-    """A job ID may be used again once its run has finished, never while it is queued or running."""
-    state = text_map(await redis.hgetall(keys.job(job_id)))
-    if state.get("state") in LIVE_STATES and "finished_at" not in state:
-        worker = f" (worker {state['worker']})" if state.get("worker") else ""
-        raise CliError(f"job {job_id} is {state['state']}{worker}; cancel it or use another ID", NO)
-
-
-async def _write_job(redis: Redis, keys: Keys, job_id: str, entries: list[str]) -> None:
-    """The new files list and a fresh progress hash, with every trace of a previous run removed,
-    so `--wait` can never report the old run and the daemon runs the new list afresh."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.delete(
-            keys.files(job_id),
-            keys.job(job_id),
-            keys.failed(job_id),
-            keys.marks(job_id),
-            keys.applied(job_id),
-            keys.walk(job_id),
-            keys.cancel(job_id),
-        )
-        for i in range(0, len(entries), 1000):
-            pipe.rpush(keys.files(job_id), *entries[i : i + 1000])
-        pipe.hset(
-            keys.job(job_id),
-            mapping={"state": "queued", "total": len(entries), "updated_at": int(time.time())},
-        )
-        await pipe.execute()
-
-
-async def _put_or_undo(
-    conn: Connection, redis: Redis, keys: Keys, job_id: str, priority: int, ttr: int
-) -> None:
-    """Put the ID; if beanstalkd did not take it, remove what was written, leaving nothing half-done."""
-    try:
-        await _within(conn, conn.put(job_id.encode(), priority=priority, ttr=ttr))
-    except BaseException:
-        await redis.delete(keys.files(job_id), keys.job(job_id))
-        raise
-
-
-async def _watch(redis: Redis, keys: Keys, job_id: str, hint: Callable[[], Awaitable[str | None]]) -> int:
-    """Draw a progress bar on stderr until the job reaches a final state; hint once if it sits
-    queued in a tube no daemon watches."""
-    loop = asyncio.get_running_loop()
-    next_hint: float | None = loop.time() + HINT_AFTER
-    while True:
-        state = text_map(await redis.hgetall(keys.job(job_id)))
-        _draw(state)
-        if state.get("state") in FINAL_STATES:
-            return await _report_end(redis, keys, job_id, state["state"])
-        if next_hint is not None and state.get("state") == "queued" and loop.time() >= next_hint:
-            message = await hint()
-            if message is not None:
-                sys.stderr.write(f"\nuploader: {message}\n")
-            next_hint = None if message is not None else loop.time() + HINT_AFTER
-        await asyncio.sleep(0.2)
-
-
-def _draw(state: dict[str, str]) -> None:
-    total = int(state.get("total", 0) or 0)
-    settled = sum(int(state.get(k, 0) or 0) for k in ("uploaded", "skipped", "failed"))
-    width = 30
-    filled = width if total == 0 else min(width, width * settled // max(total, 1))
-    sys.stderr.write(
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {settled}/{total} files, "
-        f"{int(state.get('bytes', 0) or 0):,} bytes, {state.get('state', '?'):<9}"
-    )
-    sys.stderr.flush()
-
-
-async def _report_end(redis: Redis, keys: Keys, job_id: str, state: str) -> int:
-    sys.stderr.write("\n")
-    if state == "done":
-        return OK
-    for path, reason in await _first_failures(redis, keys, job_id, 20):
-        sys.stderr.write(f"  failed: {path}: {reason}\n")
-    return NO
-
-
-async def _unwatched_hint(conn: Connection, tube: str) -> str | None:
-    """Why a job may wait forever: no daemon watches its tube. None while one does (or we cannot tell)."""
-    try:
-        stats = await _within(conn, conn.stats_tube(tube))
-    except NotFound:
-        stats = {}
-    except BeanstalkError:
-        return None
-    if int(stats.get("current-watching", "0")) > 0:
-        return None
-    return f"no daemon watches tube {tube!r} on {conn.address} yet; still waiting (Ctrl-C to stop)"
-
-
-async def _first_failures(redis: Redis, keys: Keys, job_id: str, count: int) -> list[tuple[str, str]]:
-    """The first `count` failure reasons by HSCAN: a failed hash may hold millions of paths."""
-    found: list[tuple[str, str]] = []
-    cursor = 0
-    while True:
-        cursor, batch = await redis.hscan(keys.failed(job_id), cursor, count=max(count, 10))
-        assert isinstance(batch, dict)
-        found += list(text_map(batch).items())
-        if cursor == 0 or len(found) >= count:
-            return found[:count]
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args.config, required=False)
-    job_id = _job_id(args.job)
-
-    async def main() -> int:
-        async with _redis(config) as redis:
-            keys = Keys(config.redis.key_prefix)
-            raw = await redis.hgetall(keys.job(job_id))
-            if not raw:
-                raise CliError(f"no job {job_id!r} (unknown, or its progress expired)", NO)
-            status: dict[str, object] = dict(text_map(raw))
-            failed = await redis.hgetall(keys.failed(job_id))
-        if failed:
-            status["failures"] = text_map(failed)
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return OK
-
-    return _run_async(main())
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    config = _load(args.config, required=False)
-    job_id = _job_id(args.job)
-
-    async def main() -> int:
-        async with _redis(config) as redis:
-            keys = Keys(config.redis.key_prefix)
-            state = text_map(await redis.hgetall(keys.job(job_id)))
-            listed = bool(await redis.exists(keys.files(job_id)))
-            refusal = _not_cancellable(state, listed)
-            if refusal is not None:
-                raise CliError(f"job {job_id} is not queued or running ({refusal})", NO)
-            # Expiring with the progress, so a stale flag never cancels a later job of this ID.
-            await redis.set(keys.cancel(job_id), int(time.time()), ex=config.redis.progress_ttl)
-        print(f"cancel requested for {job_id}")
-        return OK
-
-    return _run_async(main())
-
-
-def _not_cancellable(state: dict[str, str], listed: bool) -> str | None:
-    """Why a job cannot be cancelled (`state done`, `unknown`); None when it is queued or running.
-
-    A job with a files list and no progress hash yet was put and not started: it is queued.
-    """
-    if state.get("state") in LIVE_STATES and "finished_at" not in state:
-        return None
-    if not state and listed:
-        return None
-    return f"state {state['state']}" if "state" in state else "unknown"
-
-
-def cmd_failed(args: argparse.Namespace) -> int:
-    config = _load(args.config, required=False)
-    tube = _tube(args.tube) if args.tube is not None else None
-    tubes = (tube,) if tube is not None else tuple(t.name for t in config.source.tubes)
-
-    async def main() -> int:
-        async with _redis(config) as redis:
-            keys = Keys(config.redis.key_prefix)
-            for job_id, state in await _failed_jobs(redis, keys, tube, args.limit):
-                print(_failed_line(job_id, state, await _first_failures(redis, keys, job_id, 3)))
-        failure: ConnectionLost | None = None
-        for address in config.source.addresses:
-            try:
-                for name, buried in await _buried_counts(address, tubes):
-                    print(f"{address}\t{name}\t{buried} buried")
-            except ConnectionLost as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return OK
-
-    return _run_async(main())
-
-
-async def _failed_jobs(
-    redis: Redis, keys: Keys, tube: str | None, limit: int
-) -> list[tuple[str, dict[str, str]]]:
-    """The newest failed jobs, newest first; members whose hash no longer says failed (retried,
-    run again, expired) are skipped."""
-    found: list[tuple[str, dict[str, str]]] = []
-    start = 0
-    while len(found) < limit:
-        page = cast(list[bytes], await redis.zrevrange(keys.failed_jobs, start, start + limit - 1))
-        members = [text(m) for m in page]
-        if not members:
-            break
-        start += len(members)
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in members:
-                pipe.hgetall(keys.job(job_id))
-            hashes = [text_map(h) for h in await pipe.execute()]
-        found += [
-            (job_id, state)
-            for job_id, state in zip(members, hashes, strict=True)
-            if state.get("state") == "failed" and (tube is None or state.get("tube") == tube)
-        ]
-    return found[:limit]
-
-
-def _failed_line(job_id: str, state: dict[str, str], reasons: list[tuple[str, str]]) -> str:
-    finished = state.get("finished_at", "")
-    try:
-        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(finished)))
-    except ValueError:
-        when = "?"
-    shown = "; ".join(f"{path}: {reason}" for path, reason in reasons)
-    counts = f"{state.get('failed', '?')}/{state.get('total', '?')} failed"
-    return f"{job_id}\t{state.get('tube', '?')}\t{counts}\t{when}\t{shown}"
-
-
-async def _buried_counts(address: str, tubes: Sequence[str]) -> list[tuple[str, int]]:
-    """Buried jobs per tube on one server, whatever buried them (a failed job, a bad body)."""
-    conn = await _connect(address)
-    try:
-        counts = []
-        for tube in tubes:
-            try:
-                stats = await _within(conn, conn.stats_tube(tube))
-            except NotFound:  # beanstalkd forgets a tube with no jobs and no clients
-                stats = {}
-            counts.append((tube, int(stats.get("current-jobs-buried", "0"))))
-        return counts
-    finally:
-        await conn.close()
-
-
-def cmd_retry(args: argparse.Namespace) -> int:
-    config = _load(args.config, required=False)
-    if args.all == bool(args.jobs):
-        raise CliError("retry takes job IDs or --all, not both and not neither", USAGE)
-    if args.all:
-        return _run_async(_retry_all(config))
-    job_ids = [_job_id(j) for j in args.jobs]
-    return _run_async(_retry_jobs(config, job_ids))
-
-
-async def _retry_jobs(config: Config, job_ids: list[str]) -> int:
-    """Kick each failed job on the server that buried it; one that cannot be kicked does not
-    stop the others."""
-    async with _redis(config) as redis:
-        keys = Keys(config.redis.key_prefix)
-        states = [text_map(await redis.hgetall(keys.job(j))) for j in job_ids]
-    code = OK
-    conns: dict[str, Connection] = {}
-    try:
-        for job_id, state in zip(job_ids, states, strict=True):
-            try:
-                print(await _kick_failed(conns, job_id, state))
-            except (CliError, BeanstalkError) as exc:
-                print(f"uploader: {exc}", file=sys.stderr)
-                code = max(code, exc.code if isinstance(exc, CliError) else UNREACHABLE)
-    finally:
-        for conn in conns.values():
-            await conn.close()
-    return code
-
-
-async def _kick_failed(conns: dict[str, Connection], job_id: str, state: dict[str, str]) -> str:
-    """Kick one failed job; its hash names the server and the beanstalkd job that was buried."""
-    address, number = state.get("beanstalkd", ""), state.get("beanstalk_job", "")
-    if state.get("state") != "failed" or not address or not number.isdigit():
-        raise CliError(f"job {job_id} is not failed (state {state.get('state', 'unknown')})", NO)
-    conn = conns.get(address)
-    if conn is None or conn.closed:
-        conn = conns[address] = await _connect(address)
-    try:
-        await _within(conn, conn.kick_job(int(number)))
-    except NotFound:
-        raise CliError(f"job {job_id} is not buried on {address} (beanstalkd job {number})", NO) from None
-    return f"kicked {job_id} (beanstalkd job {number} on {address})"
-
-
-async def _retry_all(config: Config) -> int:
-    """Kick every buried job of every configured tube on every configured server."""
-    code = OK
-    for address in config.source.addresses:
-        try:
-            conn = await _connect(address)
-        except ConnectionLost as exc:
-            print(f"uploader: {exc}", file=sys.stderr)
-            code = UNREACHABLE
-            continue
-        try:
-            for tube in config.source.tubes:
-                print(f"{address}\t{tube.name}\tkicked {await _kick_buried(conn, tube.name)}")
-        finally:
-            await conn.close()
-    return code
-
-
-async def _kick_buried(conn: Connection, tube: str) -> int:
-    """Kick a tube's buried jobs; with none buried, nothing, since `kick` would then take its
-    delayed jobs and cut a producer's delay short."""
-    try:
-        stats = await _within(conn, conn.stats_tube(tube))
-    except NotFound:
-        return 0
-    if int(stats.get("current-jobs-buried", "0")) == 0:
-        return 0
-    await _within(conn, conn.use(tube))
-    return await _within(conn, conn.kick(1_000_000))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -570,6 +110,16 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.set_defaults(func=cmd_check_config)
 
+    _add_enqueue(sub)
+    _add_job_commands(sub)
+
+    demo = sub.add_parser("demo", help="run the daemon on a sample job, end to end")
+    demo.add_argument("--files", type=int, default=200)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _add_enqueue(sub: argparse._SubParsersAction[_Parser]) -> None:
     enqueue = sub.add_parser("enqueue", help="submit a job as a producer would")
     enqueue.add_argument("--config")
     enqueue.add_argument("--job", help="job ID (default: a random one); a finished job's ID may be reused")
@@ -578,34 +128,32 @@ def parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--ttr", type=_uint32, default=60)
     enqueue.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     enqueue.add_argument("paths", nargs="+")
-    enqueue.set_defaults(func=cmd_enqueue)
+    enqueue.set_defaults(func=jobctl.cmd_enqueue)
 
+
+def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The operator's commands on jobs already enqueued."""
     status = sub.add_parser("status", help="print a job's progress")
     status.add_argument("--config")
     status.add_argument("job")
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=jobctl.cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job: pending files are skipped")
     cancel.add_argument("--config")
     cancel.add_argument("job")
-    cancel.set_defaults(func=cmd_cancel)
+    cancel.set_defaults(func=jobctl.cmd_cancel)
 
     failed = sub.add_parser("failed", help="list failed jobs, newest first, and buried counts per tube")
     failed.add_argument("--config")
     failed.add_argument("--tube", help="only this tube (default: every configured tube)")
     failed.add_argument("--limit", type=_positive, default=100, help="at most this many jobs (default 100)")
-    failed.set_defaults(func=cmd_failed)
+    failed.set_defaults(func=jobctl.cmd_failed)
 
     retry = sub.add_parser("retry", help="kick failed jobs back to ready")
     retry.add_argument("--config")
     retry.add_argument("--all", action="store_true", help="every buried job of every configured tube")
     retry.add_argument("jobs", nargs="*", metavar="ID")
-    retry.set_defaults(func=cmd_retry)
-
-    demo = sub.add_parser("demo", help="run the daemon on a sample job, end to end")
-    demo.add_argument("--files", type=int, default=200)
-    demo.set_defaults(func=cmd_demo)
-    return p
+    retry.set_defaults(func=jobctl.cmd_retry)
 
 
 def describe(exc: BaseException) -> tuple[str, int]:
@@ -621,11 +169,11 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, BeanstalkError):
         return f"beanstalkd refused: {exc}", NO
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return f"Redis unreachable: {_reason(exc)}", UNREACHABLE
+        return f"Redis unreachable: {reason(exc)}", UNREACHABLE
     if isinstance(exc, redis.exceptions.RedisError):
         return f"Redis: {exc}", NO
     if isinstance(exc, OSError):
-        return f"{exc.filename + ': ' if exc.filename else ''}{_reason(exc)}", UNREACHABLE
+        return f"{exc.filename + ': ' if exc.filename else ''}{reason(exc)}", UNREACHABLE
     return f"unexpected error, please report it: {type(exc).__name__}: {exc}", BUG
 
 
