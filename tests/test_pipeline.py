@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,24 @@ async def test_s3_end_to_end_as_an_outside_producer(env: Env, s3: Any, bucket: s
     config = env.config("s3", bucket, upload={"concurrency": 32})
     async with env.daemon(config):
         await check_done(env, expected, files=200)
-    for keys in expected.values():
-        for key, (path, ctype) in keys.items():
-            obj = s3.get_object(Bucket=bucket, Key=key)
-            assert obj["Body"].read() == path.read_bytes(), key
-            assert obj["ContentType"] == ctype
-            if key.startswith("custom/"):
-                assert obj["Metadata"] == {"owner": "42"}
+
+    def check(key: str, path: Path, ctype: str) -> None:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        assert obj["Body"].read() == path.read_bytes(), key
+        assert obj["ContentType"] == ctype
+        if key.startswith("custom/"):
+            assert obj["Metadata"] == {"owner": "42"}
+
+    # Read back 4,000 objects over several connections: one at a time is most of the test's
+    # time on a loaded machine.
+    with ThreadPoolExecutor(8) as pool:
+        checks = [
+            pool.submit(check, key, path, ctype)
+            for keys in expected.values()
+            for key, (path, ctype) in keys.items()
+        ]
+        for done in checks:
+            done.result()
     listed = sum(
         page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     )
