@@ -16,7 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from moto.server import ThreadedMotoServer
 
-from tests.helpers import CREDS, REGION, Env, OpenFile
+from tests.faultproxy import FaultProxy
+from tests.helpers import CREDS, REGION, Daemons, Env, OpenFile
 from uploader import devservers
 from uploader.devservers import Server
 from uploader.files import Root, SourceFile, locate, open_source
@@ -102,3 +103,19 @@ async def env(
     environment.redis = aioredis.Redis.from_url(environment.redis_url)
     yield environment
     await environment.close()
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    """The fault proxy in front of moto's S3 (`tests/faultproxy.py`), no rule set."""
+    fault_proxy = FaultProxy(moto_endpoint).start()
+    yield fault_proxy
+    fault_proxy.stop()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """Daemon subprocesses for a test; whatever still runs at its end is killed."""
+    started = Daemons(tmp_path)
+    yield started
+    started.close()

@@ -13,7 +13,9 @@ as one in the test's loop. Every request is read whole, then matched against the
 
 Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
 is relayed back with ``Connection: close``: no response parsing, and a fault can never leave
-a pooled connection in a state the test did not choose. Every request is logged as a `Record`.
+a pooled connection in a state the test did not choose. Every request is logged as a `Record`;
+`forwarded` counts, by key, the requests that reached the store (what was uploaded, measured at
+the store's door), and `waiting` is how many a ``delay`` or ``hold`` holds back right now.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -89,6 +92,7 @@ class Record:
     started: float
     ended: float | None = None
     status: int | None = None  # what the client was answered; None: no answer
+    forwarded: bool = False  # sent on to the store
 
 
 class FaultProxy:
@@ -100,6 +104,7 @@ class FaultProxy:
         self._released: set[str] = set()
         self._seen_held: set[str] = set()
         self.records: list[Record] = []
+        self._waiting = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         self._server: asyncio.Server | None = None
@@ -158,6 +163,29 @@ class FaultProxy:
 
     def count(self, match: Callable[[Record], bool]) -> int:
         return sum(1 for r in self.snapshot() if match(r))
+
+    def forwarded(self, method: str = "PUT", bucket: str | None = None) -> Counter[str]:
+        """How many `method` requests (of `bucket`, if given) were sent on to the store, by key."""
+        return Counter(
+            r.request.key for r in self.snapshot()
+            if r.forwarded and r.request.method == method and bucket in (None, r.request.bucket)
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Requests a ``delay`` or ``hold`` rule holds back at this moment."""
+        with self._lock:
+            return self._waiting
+
+    @contextlib.contextmanager
+    def _held_back(self) -> Iterator[None]:
+        with self._lock:
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     # --- the proxy, on its own loop ---
 
@@ -220,24 +248,27 @@ class FaultProxy:
         if fault == "hold":
             with self._lock:
                 self._seen_held.add(key)
-            while True:
-                with self._lock:
-                    if key in self._released:
-                        break
-                await asyncio.sleep(HOLD_POLL)
+            with self._held_back():
+                while True:
+                    with self._lock:
+                        if key in self._released:
+                            break
+                    await asyncio.sleep(HOLD_POLL)
         kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("connection", "expect")]
         upstream_head = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
-        answer = await self._forward(upstream_head + body)
+        answer = await self._forward(upstream_head + body, record)
         if fault == "delay":
             assert rule is not None
-            await asyncio.sleep(rule.delay)
+            with self._held_back():
+                await asyncio.sleep(rule.delay)
         await self._answer(writer, record, answer)
 
-    async def _forward(self, raw: bytes) -> bytes:
+    async def _forward(self, raw: bytes, record: Record) -> bytes:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
             up_writer.write(raw)
             await up_writer.drain()
+            record.forwarded = True
             return await up_reader.read()
         finally:
             up_writer.close()

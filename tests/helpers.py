@@ -1,5 +1,7 @@
-"""Test helpers: a producer's view of the system (raw RPUSH and beanstalkd put) and a daemon
-run in-process against the session's real servers."""
+"""Test helpers shared by the test modules: a producer's view of the system (raw RPUSH and
+beanstalkd put), a daemon run in-process or as a subprocess against the session's real
+servers, private servers to kill and restart, stores that record or slow their puts, and the
+HTTP API's client side. Test modules import shared helpers from here, never from each other."""
 
 from __future__ import annotations
 
@@ -7,12 +9,17 @@ import asyncio
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -22,13 +29,19 @@ from uploader import files as files_mod
 from uploader.beanstalk import Connection
 from uploader.config import Config
 from uploader.daemon import Daemon
+from uploader.devservers import Server
+from uploader.errors import PermanentFileError, TransientFileError
 from uploader.files import SourceFile
 from uploader.redisio import Keys, text_map
 from uploader.stores.base import PutRequest, PutResult, Store, StoredObject
+from uploader.stores.local import LocalStore
 
+REPO = Path(__file__).resolve().parent.parent
 REGION = "us-east-1"
 CREDS = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
 FINAL = frozenset({"done", "failed", "cancelled"})
+# A distinctive password for the private Redis servers: it may never show up in a log line.
+REDIS_PASSWORD = "chaos-redis-PW-" + uuid.uuid4().hex
 T = TypeVar("T")
 OpenFile = Callable[[str, bytes], SourceFile]
 
@@ -303,3 +316,247 @@ def hook_open(
         return real_beneath(dir_fd, relpath)
 
     monkeypatch.setattr(files_mod, "_open_beneath", patched_beneath)
+
+
+async def tube_settled(env: Env, address: str | None = None) -> bool:
+    """Every job of the test's tube is gone from the server (the session's, or `address`):
+    deleted, not ready, reserved, delayed or buried."""
+    conn = await env.conn(address)
+    stats = await conn.stats_tube(env.tube)
+    return all(stats[f"current-jobs-{s}"] == "0" for s in ("ready", "reserved", "delayed", "buried"))
+
+
+async def uploaded(env: Env, job_id: str) -> int:
+    """The job's `uploaded` counter in its Redis progress hash (0 before it has one)."""
+    return int((await env.state(job_id)).get("uploaded", 0))
+
+
+async def total_uploaded(env: Env, job_ids: list[str]) -> int:
+    return sum([await uploaded(env, j) for j in job_ids])
+
+
+async def uploaded_at_least(env: Env, job_id: str, count: int) -> bool:
+    return await uploaded(env, job_id) >= count
+
+
+# --- private servers, to be killed and restarted ------------------------------------------------
+
+
+@asynccontextmanager
+async def private_env(
+    tmp_path: Path, moto_endpoint: str, beanstalkd: Server | None = None, redis_server: Server | None = None,
+    shared: Env | None = None,
+) -> AsyncIterator[Env]:
+    """An Env on private servers (to be killed and restarted) where given, else the session's."""
+    assert shared is not None
+    redis_url = shared.redis_url
+    if redis_server is not None:
+        redis_url = f"redis://:{REDIS_PASSWORD}@{redis_server.address}/0"
+    env = Env(tmp_path=tmp_path, beanstalkd=beanstalkd.address if beanstalkd else shared.beanstalkd,
+              redis_url=redis_url, s3_endpoint=moto_endpoint, tag=uuid.uuid4().hex[:10])
+    env.redis = aioredis.Redis.from_url(redis_url)
+    try:
+        yield env
+    finally:
+        await env.close()
+
+
+def protected_redis() -> Server:
+    """A Redis of a test's own: AOF on, `REDIS_PASSWORD` required."""
+    server = devservers.redis(aof=True)
+    server.argv += ["--requirepass", REDIS_PASSWORD]
+    return server
+
+
+@asynccontextmanager
+async def on_private_redis(
+    tmp_path: Path, moto_endpoint: str, shared: Env
+) -> AsyncIterator[tuple[Server, Env]]:
+    """A Redis of the test's own (AOF, password) to stop and start, and an Env that uses it."""
+    server = protected_redis().start()
+    try:
+        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=shared) as penv:
+            yield server, penv
+    finally:
+        server.stop()
+
+
+# --- stores ---------------------------------------------------------------------------------
+
+
+class RecordingStore(StoreWrapper):
+    """Wraps a real store: counts concurrent puts and can inject failures or slowness."""
+
+    def __init__(
+        self,
+        inner: Store,
+        delay: float = 0.0,
+        transient_failures: int = 0,
+        permanent: frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.transient_failures = transient_failures
+        self.permanent = permanent
+        self.active = 0
+        self.peak = 0
+        self.attempts: dict[str, int] = {}
+        self.order: list[str] = []
+
+    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            n = self.attempts[request.key] = self.attempts.get(request.key, 0) + 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if request.key in self.permanent:
+                raise PermanentFileError("store says no: 403 Forbidden")
+            if n <= self.transient_failures:
+                raise TransientFileError("store hiccup: 503")
+            result = await self.inner.put(source, request)
+            self.order.append(request.key)
+            return result
+        finally:
+            self.active -= 1
+
+
+def local_store(env: Env) -> LocalStore:
+    return LocalStore(env.config().store.local)
+
+
+# --- the HTTP API ---------------------------------------------------------------------------
+
+
+def listen(env: Env, **overrides: Any) -> tuple[Config, str]:
+    """A config with the HTTP API on a free port, and the API's base URL."""
+    port = devservers.free_port()
+    config = env.config(http={"listen": f"127.0.0.1:{port}", **overrides.pop("http", {})}, **overrides)
+    return config, f"http://127.0.0.1:{port}"
+
+
+async def get(session: aiohttp.ClientSession, url: str, token: str = "") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with session.get(url, headers=headers) as response:
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+# --- the daemon as a subprocess -------------------------------------------------------------
+
+
+class DaemonProcess:
+    """One `python -m uploader.cli run --config FILE` process, stdout and stderr (its JSON log
+    lines, its one-line startup failures) in a log file of its own. `extra_env` adds to the
+    environment, e.g. NOTIFY_SOCKET for sd_notify. Control it from sync code (`stop`, `kill`)
+    or async code (`wait`, `wait_event`); `returncode` is the exit status once it is known."""
+
+    def __init__(self, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    def start(self) -> DaemonProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO), **self.extra_env},
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines, in order; only those of event `name` if given."""
+        found = []
+        for line in self.text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and (name is None or event.get("event") == name):
+                found.append(event)
+        return found
+
+    async def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The first `name` event the daemon logs; fails the test if the daemon exits first."""
+
+        def seen() -> dict[str, Any] | None:
+            if not self.alive:
+                code = None if self.proc is None else self.proc.poll()
+                raise AssertionError(f"the daemon exited ({code}):\n{self.text()[-3000:]}")
+            events = self.events(name)
+            return events[0] if events else None
+
+        return await wait_until(seen, timeout, f"the daemon to log {name!r}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        """The exit status, waited for without blocking the event loop; TimeoutError after
+        `timeout` seconds."""
+        assert self.proc is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (code := self.proc.poll()) is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the daemon still runs after {timeout}s")
+            await asyncio.sleep(0.01)
+        self.returncode = code
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, if it still runs, and reap it."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.returncode = self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, the drain, and the exit code (blocks: the daemon is another process)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.returncode = self.proc.wait(timeout)
+        return self.returncode
+
+
+class Daemons:
+    """The daemon processes of one test, each with its own log under `tmp_path`; `close` kills
+    what still runs (the `daemons` fixture calls it)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[DaemonProcess] = []
+
+    def new(self, config: Path, extra_env: dict[str, str] | None = None) -> DaemonProcess:
+        """A daemon process not started yet."""
+        daemon = DaemonProcess(config, self.tmp_path / f"daemon-{len(self.started)}.log", extra_env)
+        self.started.append(daemon)
+        return daemon
+
+    def start(self, config: Path, extra_env: dict[str, str] | None = None) -> DaemonProcess:
+        return self.new(config, extra_env).start()
+
+    def close(self) -> None:
+        for daemon in self.started:
+            if daemon.proc is not None and daemon.alive:
+                daemon.kill()
+
+    def assert_clean_logs(self, secrets: tuple[str, ...]) -> None:
+        """No secret and no traceback in any daemon's log."""
+        for daemon in self.started:
+            text = daemon.text()
+            for secret in secrets:
+                assert secret not in text, f"a secret is in {daemon.log}"
+            assert "Traceback" not in text, f"the daemon logged a traceback:\n{text[-3000:]}"

@@ -7,14 +7,13 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import Env, deep_merge, wait_until
+from tests.helpers import Env, deep_merge, uploaded_at_least, wait_until
 from uploader import config as config_mod
 from uploader.aimd import Aimd
 from uploader.config import UploadConfig
@@ -167,13 +166,6 @@ def test_adaptive_keys_parse_and_are_range_checked() -> None:
 # --- through the daemon -------------------------------------------------------------------
 
 
-@pytest.fixture
-def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
-    fault_proxy = FaultProxy(moto_endpoint).start()
-    yield fault_proxy
-    fault_proxy.stop()
-
-
 @pytest.mark.timeout(90)
 async def test_slots_fall_under_throttling_and_recover_after_it(
     env: Env, bucket: str, proxy: FaultProxy
@@ -205,7 +197,7 @@ async def test_slots_fall_under_throttling_and_recover_after_it(
 
         sampler = asyncio.create_task(sample())
         await env.push_job("aimd", [str(p) for p in paths])
-        await wait_until(lambda: _uploaded(env, "aimd", 40), 30, "40 files uploaded")
+        await wait_until(lambda: uploaded_at_least(env, "aimd", 40), 30, "40 files uploaded")
         throttle_from = time.monotonic()
         proxy.add(Rule("slowdown", methods=frozenset({"PUT"}), until=throttle_from + window))
         await wait_until(lambda: slots.limit == floor, 10, "the slots cut to the floor")
@@ -230,7 +222,3 @@ async def test_slots_fall_under_throttling_and_recover_after_it(
     assert all(b - a >= cooldown * 0.9 for a, b in itertools.pairwise(cut_times))
     assert limits[-1] == concurrency and min(limits) == floor
     assert throttled >= 10  # the store really throttled a burst of requests, not one
-
-
-async def _uploaded(env: Env, job_id: str, count: int) -> bool:
-    return int((await env.state(job_id)).get("uploaded", 0)) >= count

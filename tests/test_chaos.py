@@ -8,167 +8,49 @@ no secret. S3 faults go through `tests/faultproxy.py`, between the daemon and mo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from tests.faultproxy import FaultProxy, Record, Rule
-from tests.helpers import Env, deep_merge, wait_until, write_config
+from tests.helpers import (
+    REDIS_PASSWORD,
+    Daemons,
+    Env,
+    deep_merge,
+    on_private_redis,
+    private_env,
+    protected_redis,
+    total_uploaded,
+    tube_settled,
+    uploaded_at_least,
+    wait_until,
+    write_config,
+)
 from uploader import devservers
-from uploader.devservers import Server, free_port
+from uploader.devservers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 # Distinctive secrets: none of them may ever show up in a log line.
 S3_SECRET = "chaos-s3-SECRET-" + uuid.uuid4().hex
-REDIS_PASSWORD = "chaos-redis-PW-" + uuid.uuid4().hex
 TOKEN = "chaos-api-TOKEN-" + uuid.uuid4().hex
 
 
-class DaemonProcess:
-    """One `uploader run` process, its JSON log lines in a file of their own."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-
-    def start(self) -> DaemonProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.text().splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and (name is None or event.get("event") == name):
-                found.append(event)
-        return found
-
-    async def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
-        def seen() -> dict[str, Any] | None:
-            assert self.alive, f"the daemon died:\n{self.text()[-3000:]}"
-            events = self.events(name)
-            return events[0] if events else None
-
-        return await wait_until(seen, timeout, f"the daemon to log {name!r}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.returncode = self.proc.wait(10)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, the drain, and the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.returncode = self.proc.wait(timeout)
-        return self.returncode
-
-
-class Daemons:
-    """Starts daemons for a test; kills what is left at the end and checks for leaks."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.started: list[DaemonProcess] = []
-
-    def start(self, config: Path) -> DaemonProcess:
-        daemon = DaemonProcess(config, self.tmp_path / f"daemon-{len(self.started)}.log").start()
-        self.started.append(daemon)
-        return daemon
-
-    def close(self) -> None:
-        for daemon in self.started:
-            if daemon.alive:
-                daemon.kill()
-        for daemon in self.started:
-            text = daemon.text()
-            for secret in (S3_SECRET, REDIS_PASSWORD, TOKEN):
-                assert secret not in text, f"a secret is in {daemon.log}"
-            assert "Traceback" not in text, f"the daemon logged a traceback:\n{text[-3000:]}"
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    started = Daemons(tmp_path)
-    yield started
-    started.close()
-
-
-@pytest.fixture
-def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
-    fault_proxy = FaultProxy(moto_endpoint).start()
-    yield fault_proxy
-    fault_proxy.stop()
-
-
-@asynccontextmanager
-async def private_env(
-    tmp_path: Path, moto_endpoint: str, beanstalkd: Server | None = None, redis_server: Server | None = None,
-    shared: Env | None = None,
-) -> AsyncIterator[Env]:
-    """An Env on private servers (to be killed and restarted) where given, else the session's."""
-    assert shared is not None
-    redis_url = shared.redis_url
-    if redis_server is not None:
-        redis_url = f"redis://:{REDIS_PASSWORD}@{redis_server.address}/0"
-    env = Env(tmp_path=tmp_path, beanstalkd=beanstalkd.address if beanstalkd else shared.beanstalkd,
-              redis_url=redis_url, s3_endpoint=moto_endpoint, tag=uuid.uuid4().hex[:10])
-    env.redis = aioredis.Redis.from_url(redis_url)
-    try:
-        yield env
-    finally:
-        await env.close()
-
-
-def protected_redis() -> Server:
-    server = devservers.redis(aof=True)
-    server.argv += ["--requirepass", REDIS_PASSWORD]
-    return server
-
-
-@asynccontextmanager
-async def on_private_redis(
-    tmp_path: Path, moto_endpoint: str, shared: Env
-) -> AsyncIterator[tuple[Server, Env]]:
-    """A Redis of the test's own (AOF, password) to stop and start, and an Env that uses it."""
-    server = protected_redis().start()
-    try:
-        async with private_env(tmp_path, moto_endpoint, redis_server=server, shared=shared) as penv:
-            yield server, penv
-    finally:
-        server.stop()
+@pytest.fixture(autouse=True)
+def clean_logs(daemons: Daemons) -> Iterator[None]:
+    """Crashes and leaks: at the end, whatever still runs is killed, and no daemon's log may
+    hold a secret or a traceback."""
+    yield
+    daemons.close()
+    daemons.assert_clean_logs((S3_SECRET, REDIS_PASSWORD, TOKEN))
 
 
 def chaos_config(env: Env, proxy: FaultProxy, bucket: str, name: str = "uploader.toml",
@@ -202,10 +84,6 @@ def assert_all_landed(s3: Any, bucket: str, env: Env, jobs: dict[str, list[Path]
     assert lost == [], f"{len(lost)} files lost"
 
 
-async def total_uploaded(env: Env, job_ids: list[str]) -> int:
-    return sum([int((await env.state(j)).get("uploaded", 0)) for j in job_ids])
-
-
 def successful_puts(records: list[Record], prefix: str) -> Counter[str]:
     return Counter(r.request.key for r in records
                    if r.request.method == "PUT" and r.request.key.startswith(prefix) and r.status == 200)
@@ -226,7 +104,7 @@ async def test_kill_9_mid_job_then_a_fresh_instance_finishes_it(
     await env.push_job(job_id, [str(p) for p in paths], ttr=ttr)
 
     first = daemons.start(config)
-    await wait_until(lambda: _at_least(env, job_id, 20), 30, "20 files uploaded")
+    await wait_until(lambda: uploaded_at_least(env, job_id, 20), 30, "20 files uploaded")
     first.kill()
     started_before_kill = {r.request.key for r in proxy.snapshot() if r.request.method == "PUT"}
     marks = await env.redis.get(env.keys.marks(job_id)) or b""
@@ -249,10 +127,6 @@ async def test_kill_9_mid_job_then_a_fresh_instance_finishes_it(
     assert len(in_flight) <= 2 * concurrency, (len(in_flight), "uploads unrecorded at the kill")
     print(f"kill -9: {len(recorded)} recorded, {len(in_flight)} in flight, {len(reuploaded)} re-uploaded")
     assert second.stop() == 0
-
-
-async def _at_least(env: Env, job_id: str, count: int) -> bool:
-    return int((await env.state(job_id)).get("uploaded", 0)) >= count
 
 
 def _bit(bitmap: bytes, index: int) -> bool:
@@ -286,12 +160,7 @@ async def test_beanstalkd_killed_and_restarted_with_its_binlog_loses_no_job(
                 state = await penv.wait_final(job_id, 60)
                 assert (state["state"], state["uploaded"], state["failed"]) == ("done", "40", "0"), job_id
 
-            async def settled() -> bool:
-                stats = await penv.tube_stats()
-                states = ("ready", "reserved", "delayed", "buried")
-                return all(stats[f"current-jobs-{s}"] == "0" for s in states)
-
-            await wait_until(settled, 30, "every job deleted from its tube")
+            await wait_until(lambda: tube_settled(penv), 30, "every job deleted from its tube")
             messages = await penv.completions(len(jobs))
             assert sorted(m["id"] for m in messages) == sorted(jobs), "a job finished twice or never"
             assert all(m["state"] == "done" for m in messages)
@@ -318,7 +187,7 @@ async def test_redis_down_for_10s_fails_no_file(
         # Small pages: the daemon needs Redis again and again to go on.
         config = chaos_config(penv, proxy, bucket, upload={"concurrency": 4}, redis={"page_size": 20})
         daemon = daemons.start(config)
-        await wait_until(lambda: _at_least(penv, job_id, 30), 30, "30 files uploaded")
+        await wait_until(lambda: uploaded_at_least(penv, job_id, 30), 30, "30 files uploaded")
 
         server.stop()  # SIGTERM: redis-server writes its AOF and exits
         down_at = time.monotonic()
@@ -351,7 +220,7 @@ async def test_sigterm_while_redis_is_down_releases_the_job_and_exits_0(
             daemon={"drain_timeout": drain_timeout, "release_timeout": release_timeout},
         )
         first = daemons.start(config)
-        await wait_until(lambda: _at_least(penv, job_id, 10), 30, "10 files uploaded")
+        await wait_until(lambda: uploaded_at_least(penv, job_id, 10), 30, "10 files uploaded")
         server.stop()
         await first.wait_event("redis_unavailable", 10)
 

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import Env, wait_until
+from tests.helpers import Env, total_uploaded, tube_settled, wait_until
 from uploader import devservers
 from uploader.devservers import Server
 from uploader.files import SourceFile
@@ -51,17 +51,6 @@ async def push(env: Env, job_id: str, files: list[str], server: Server) -> None:
     await env.put(job_id, address=server.address)
 
 
-async def uploaded(env: Env, job_ids: list[str]) -> int:
-    return sum([int((await env.state(j)).get("uploaded", 0)) for j in job_ids])
-
-
-async def settled(env: Env, server: Server) -> bool:
-    """Every job of the tube is gone from this server: deleted, not buried or held."""
-    conn = await env.conn(server.address)
-    stats = await conn.stats_tube(env.tube)
-    return all(stats[f"current-jobs-{s}"] == "0" for s in ("ready", "reserved", "delayed", "buried"))
-
-
 @pytest.mark.timeout(120)
 async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out(env: Env) -> None:
     async with two_servers(env) as (penv, first, second):
@@ -79,7 +68,7 @@ async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out
         async with penv.daemon(config, store=SlowStore(config.store.local)) as daemon:
             source = daemon.source
             await wait_until(lambda: _at_least(penv, on_second, 10), 30, "the second server's jobs under way")
-            assert await uploaded(penv, on_second) < 3 * FILES_PER_JOB, "too late to kill mid-run"
+            assert await total_uploaded(penv, on_second) < 3 * FILES_PER_JOB, "too late to kill mid-run"
             second.stop(kill=True)
             await wait_until(lambda: not source.connected[second.address], 10, "the loss noticed")
 
@@ -97,8 +86,10 @@ async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out
                 assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
             assert source.connected[second.address]
 
-            await wait_until(lambda: settled(penv, first), 10, "every job deleted on the first server")
-            await wait_until(lambda: settled(penv, second), 10, "every job deleted on the second server")
+            await wait_until(lambda: tube_settled(penv, first.address), 10,
+                             "every job deleted on the first server")
+            await wait_until(lambda: tube_settled(penv, second.address), 10,
+                             "every job deleted on the second server")
             messages = await penv.completions(len(on_first) + 1 + len(on_second))
         assert sorted(m["id"] for m in messages) == sorted([*on_first, late, *on_second])
         assert all(m["state"] == "done" for m in messages)
@@ -107,7 +98,7 @@ async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out
 
 
 async def _at_least(env: Env, job_ids: list[str], count: int) -> bool:
-    return await uploaded(env, job_ids) >= count
+    return await total_uploaded(env, job_ids) >= count
 
 
 async def test_completion_producer_moves_past_a_dead_server(beanstalkd_server: Server) -> None:

@@ -14,10 +14,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import Env, StoreWrapper, wait_until
-from tests.test_chaos import on_private_redis
-from tests.test_pipeline import RecordingStore, local_store
-from tests.test_web import get, listen
+from tests.helpers import (
+    Env,
+    RecordingStore,
+    StoreWrapper,
+    get,
+    listen,
+    local_store,
+    on_private_redis,
+    wait_until,
+)
 from uploader.errors import InfrastructureError, StoreUnavailableError
 from uploader.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult

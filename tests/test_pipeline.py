@@ -11,53 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Env, StoreWrapper, hook_open, wait_until
-from uploader.errors import PermanentFileError, TransientFileError
-from uploader.files import SourceFile
+from tests.helpers import Env, RecordingStore, hook_open, local_store, wait_until
 from uploader.progress import Progress
-from uploader.stores.base import PutRequest, PutResult, Store
-from uploader.stores.local import LocalStore
-
-
-class RecordingStore(StoreWrapper):
-    """Wraps a real store: counts concurrent puts and can inject failures or slowness."""
-
-    def __init__(
-        self,
-        inner: Store,
-        delay: float = 0.0,
-        transient_failures: int = 0,
-        permanent: frozenset[str] = frozenset(),
-    ) -> None:
-        super().__init__(inner)
-        self.delay = delay
-        self.transient_failures = transient_failures
-        self.permanent = permanent
-        self.active = 0
-        self.peak = 0
-        self.attempts: dict[str, int] = {}
-        self.order: list[str] = []
-
-    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
-        self.active += 1
-        self.peak = max(self.peak, self.active)
-        try:
-            n = self.attempts[request.key] = self.attempts.get(request.key, 0) + 1
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            if request.key in self.permanent:
-                raise PermanentFileError("store says no: 403 Forbidden")
-            if n <= self.transient_failures:
-                raise TransientFileError("store hiccup: 503")
-            result = await self.inner.put(source, request)
-            self.order.append(request.key)
-            return result
-        finally:
-            self.active -= 1
-
-
-def local_store(env: Env) -> LocalStore:
-    return LocalStore(env.config().store.local)
 
 
 def mixed_entries(env: Env, paths: list[Path], job_id: str) -> tuple[list[str], dict[str, tuple[Path, str]]]:

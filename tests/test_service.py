@@ -1,15 +1,14 @@
 """The daemon as a service: a real `uploader run` subprocess, real signals, real servers.
 
-Slow uploads come from a TCP proxy in front of moto that holds every chunk a client sends for
-`delay` seconds and counts the PUTs it lets through, so "files uploaded twice" is measured at
-the store's door, not from the daemon's own accounting.
+Slow uploads come from the fault proxy in front of moto (`tests/faultproxy.py`): a ``delay``
+rule holds every answer for `delay` seconds, and the proxy counts the PUTs it forwards, so
+"files uploaded twice" is measured at the store's door, not from the daemon's own accounting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -21,8 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Env, toml_text, wait_until, write_config
+from tests.faultproxy import FaultProxy, Rule
+from tests.helpers import Daemons, Env, toml_text, uploaded, wait_until, write_config
 from uploader.beanstalk import NotFound
 from uploader.devservers import free_port
 
@@ -39,162 +38,22 @@ UNIT = ROOT / "systemd" / "uploader.service"
 README = ROOT / "README.md"
 
 
-class SlowProxy:
-    """TCP proxy to moto: client bytes wait `delay` seconds; forwarded PUTs are counted by key."""
-
-    def __init__(self, target: str, bucket: str) -> None:
-        host, _, port = target.removeprefix("http://").rpartition(":")
-        self.target = (host, int(port))
-        self.delay = 0.0
-        self.held = 0  # chunks waiting out the delay right now
-        self.puts: Counter[str] = Counter()
-        self.url = ""
-        self._put = re.compile(rb"PUT /" + re.escape(bucket.encode()) + rb"/([^ ?]+)[^ ]* HTTP/1\.1\r\n")
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-            self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self.url
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        up_writer: asyncio.StreamWriter | None = None
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            back = asyncio.ensure_future(self._pipe(up_reader, writer))
-            try:
-                await self._forward(reader, up_writer)
-            finally:
-                back.cancel()
-                await asyncio.gather(back, return_exceptions=True)
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            for w in (writer, up_writer):
-                if w is not None:
-                    w.close()
-            self._tasks.discard(task)
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tail = b""
-        while chunk := await reader.read(65536):
-            self.held += 1
-            try:
-                await asyncio.sleep(self.delay)
-            finally:
-                self.held -= 1
-            writer.write(chunk)
-            await writer.drain()
-            buffer = tail + chunk
-            for match in self._put.finditer(buffer):
-                if match.end() > len(tail):  # not counted with the previous chunk
-                    self.puts[match.group(1).decode()] += 1
-            tail = buffer[-4096:]
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+def slow_down(proxy: FaultProxy, delay: float) -> None:
+    """From now on every request to the store is answered `delay` seconds late (0: no delay)."""
+    proxy.clear()
+    if delay:
+        proxy.add(Rule("delay", delay=delay))
 
 
-class DaemonProcess:
-    """`python -m uploader.cli run --config FILE`, its JSON log lines in a file."""
-
-    def __init__(self, config: Path, log: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.log = log
-        self.extra_env = extra_env or {}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> DaemonProcess:
-        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a local file, opened once
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
-                env={**os.environ, **self.extra_env},
-            )
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
-
-    async def wait_event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
-        def seen() -> dict[str, Any] | None:
-            if self.proc is not None and self.proc.returncode is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
-            found = self.events(name)
-            return found[-1] if found else None
-
-        return await wait_until(seen, timeout, f"log event {name!r}")
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-@pytest.fixture
-async def spawn(env: Env) -> AsyncIterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def make(config: Path, extra_env: dict[str, str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(config, env.tmp_path / f"daemon{len(started)}.log", extra_env)
-        started.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in started:
-        await daemon.kill()
-
-
-@pytest.fixture
-async def proxy(moto_endpoint: str, bucket: str) -> AsyncIterator[SlowProxy]:
-    p = SlowProxy(moto_endpoint, bucket)
-    yield p
-    await p.close()
-
-
-async def s3_data(env: Env, proxy: SlowProxy, bucket: str, **overrides: Any) -> dict[str, Any]:
+def s3_data(env: Env, proxy: FaultProxy, bucket: str, **overrides: Any) -> dict[str, Any]:
     """Config data for the S3 store reached through the proxy."""
     data = env.config_data("s3", bucket, **overrides)
-    data["store"]["s3"]["endpoint_url"] = await proxy.start()
+    data["store"]["s3"]["endpoint_url"] = proxy.endpoint
     return data
 
 
-async def s3_config(env: Env, proxy: SlowProxy, bucket: str, **overrides: Any) -> Path:
-    return write_config(env.tmp_path / "uploader.toml", await s3_data(env, proxy, bucket, **overrides))
-
-
-async def uploaded(env: Env, job_id: str) -> int:
-    return int((await env.state(job_id)).get("uploaded", 0))
+def s3_config(env: Env, proxy: FaultProxy, bucket: str, **overrides: Any) -> Path:
+    return write_config(env.tmp_path / "uploader.toml", s3_data(env, proxy, bucket, **overrides))
 
 
 async def job_state_in_beanstalkd(env: Env, beanstalk_id: int) -> dict[str, str]:
@@ -215,18 +74,18 @@ def objects(s3: Any, bucket: str) -> dict[str, bytes]:
 
 @pytest.mark.timeout(90)
 async def test_sigterm_mid_job_releases_it_and_another_instance_finishes_it(
-    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str, s3: Any
+    env: Env, daemons: Daemons, proxy: FaultProxy, bucket: str, s3: Any
 ) -> None:
     concurrency, drain_timeout = 4, 5.0
-    proxy.delay = 0.2
-    config = await s3_config(env, proxy, bucket, upload={"concurrency": concurrency},
+    slow_down(proxy, 0.2)
+    config = s3_config(env, proxy, bucket, upload={"concurrency": concurrency},
                              daemon={"drain_timeout": drain_timeout})
     files = env.write_files(48, size=3000)
-    first = await spawn(config).start()
+    first = daemons.start(config)
     await first.wait_event("ready")
     beanstalk_id = await env.push_job("job1", [str(f) for f in files], priority=777)
     await wait_until(lambda: uploaded(env, "job1"), what="some files uploaded")
-    await wait_until(lambda: proxy.held, what="uploads in flight")
+    await wait_until(lambda: proxy.waiting, what="uploads in flight")
 
     signalled = time.monotonic()
     first.signal(signal.SIGTERM)
@@ -241,8 +100,8 @@ async def test_sigterm_mid_job_releases_it_and_another_instance_finishes_it(
     assert summary["jobs_released"] == 1 and summary["jobs_finished"] == 0
     assert 0 < summary["files_uploaded"] < len(files)
 
-    proxy.delay = 0.0
-    second = await spawn(config).start()
+    slow_down(proxy, 0.0)
+    second = daemons.start(config)
     final = await env.wait_final("job1", timeout=30)
     assert (final["state"], int(final["uploaded"])) == ("done", len(files))
     [message] = await env.completions(1)
@@ -252,21 +111,22 @@ async def test_sigterm_mid_job_releases_it_and_another_instance_finishes_it(
 
     expected = {f"job1/{f.relative_to(env.uploads)}": f.read_bytes() for f in files}
     assert objects(s3, bucket) == expected
-    assert set(proxy.puts) == set(expected)
-    twice = sum(n - 1 for n in proxy.puts.values())
-    assert twice <= concurrency, proxy.puts
+    puts = proxy.forwarded("PUT", bucket)
+    assert set(puts) == set(expected)
+    twice = sum(n - 1 for n in puts.values())
+    assert twice <= concurrency, puts
 
 
 @pytest.mark.timeout(60)
 async def test_second_sigterm_cuts_a_long_drain_short_and_still_releases(
-    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str
+    env: Env, daemons: Daemons, proxy: FaultProxy, bucket: str
 ) -> None:
-    config = await s3_config(env, proxy, bucket, upload={"concurrency": 3}, daemon={"drain_timeout": 60.0})
-    daemon = await spawn(config).start()
+    config = s3_config(env, proxy, bucket, upload={"concurrency": 3}, daemon={"drain_timeout": 60.0})
+    daemon = daemons.start(config)
     await daemon.wait_event("ready")
-    proxy.delay = 60.0  # no upload finishes while this test runs
+    slow_down(proxy, 60.0)  # no upload finishes while this test runs
     beanstalk_id = await env.push_job("job2", [str(f) for f in env.write_files(6)])
-    await wait_until(lambda: proxy.held >= 3, what="three uploads stuck in the proxy")
+    await wait_until(lambda: proxy.waiting >= 3, what="three uploads stuck in the proxy")
 
     daemon.signal(signal.SIGTERM)
     await daemon.wait_event("drain_started")
@@ -293,14 +153,14 @@ async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: 
 
 @pytest.mark.timeout(60)
 async def test_sighup_resizes_upload_slots_without_losing_a_job_and_refuses_a_bad_file(
-    env: Env, spawn: Callable[..., DaemonProcess], proxy: SlowProxy, bucket: str, s3: Any
+    env: Env, daemons: Daemons, proxy: FaultProxy, bucket: str, s3: Any
 ) -> None:
     port = free_port()
-    data = await s3_data(env, proxy, bucket, upload={"concurrency": 2}, http={"listen": f"127.0.0.1:{port}"})
+    data = s3_data(env, proxy, bucket, upload={"concurrency": 2}, http={"listen": f"127.0.0.1:{port}"})
     config = write_config(env.tmp_path / "uploader.toml", data)
-    proxy.delay = 0.1
+    slow_down(proxy, 0.1)
     files = env.write_files(30)
-    daemon = await spawn(config).start()
+    daemon = daemons.start(config)
     await daemon.wait_event("ready")
     url = f"http://127.0.0.1:{port}/metrics"
     async with aiohttp.ClientSession() as session:
@@ -336,7 +196,7 @@ async def test_sighup_resizes_upload_slots_without_losing_a_job_and_refuses_a_ba
 
 @pytest.mark.timeout(60)
 async def test_sd_notify_sends_ready_status_watchdog_and_stopping_in_order(
-    env: Env, spawn: Callable[..., DaemonProcess]
+    env: Env, daemons: Daemons
 ) -> None:
     name = f"uploader-test-{uuid.uuid4().hex}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -355,7 +215,7 @@ async def test_sd_notify_sends_ready_status_watchdog_and_stopping_in_order(
     reader = asyncio.ensure_future(receive())
     try:
         config = write_config(env.tmp_path / "uploader.toml", env.config_data())
-        daemon = await spawn(config, {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "300000"}).start()
+        daemon = daemons.start(config, {"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "300000"})
         await wait_until(lambda: "WATCHDOG" in keys(), what="a watchdog ping")
 
         daemon.signal(signal.SIGHUP)
@@ -378,7 +238,7 @@ async def test_sd_notify_sends_ready_status_watchdog_and_stopping_in_order(
 
 @pytest.mark.timeout(30)
 async def test_startup_failures_are_one_line_and_exit_2(
-    env: Env, spawn: Callable[..., DaemonProcess], moto_endpoint: str
+    env: Env, daemons: Daemons, moto_endpoint: str
 ) -> None:
     bad = env.tmp_path / "bad.toml"
     bad.write_text(toml_text(env.config_data(upload={"concurrency": 0})))
@@ -397,8 +257,8 @@ async def test_startup_failures_are_one_line_and_exit_2(
                    "Not a directory"),
         (port_taken, "[http].listen: cannot listen on 127.0.0.1:"),
     )
-    daemons = [await spawn(config).start() for config, _ in cases]
-    for daemon, (_, expected) in zip(daemons, cases, strict=True):
+    started = [daemons.start(config) for config, _ in cases]
+    for daemon, (_, expected) in zip(started, cases, strict=True):
         assert await daemon.wait(20) == 2, daemon.log.read_text()
         lines = daemon.log.read_text().splitlines()
         assert [line for line in lines if line.startswith("uploader: ")] == [lines[-1]]
@@ -434,7 +294,7 @@ def notify_socket() -> Iterator[tuple[str, list[str]]]:
 
 @pytest.mark.timeout(60)
 async def test_a_missing_bucket_at_start_is_an_outage_not_an_exit(
-    env: Env, spawn: Callable[..., DaemonProcess], s3: Any
+    env: Env, daemons: Daemons, s3: Any
 ) -> None:
     """The bucket is being created by another team's script: the daemon says so and waits,
     takes no job meanwhile, and serves as soon as it exists."""
@@ -442,7 +302,7 @@ async def test_a_missing_bucket_at_start_is_an_outage_not_an_exit(
     config = write_config(env.tmp_path / "late.toml", env.config_data("s3", name))
     files = env.write_files(3)
     with notify_socket() as (address, seen):
-        daemon = await spawn(config, {"NOTIFY_SOCKET": address}).start()
+        daemon = daemons.start(config, {"NOTIFY_SOCKET": address})
         event = await daemon.wait_event("taking_no_work")
         assert event["cause"] == "store" and name in event["reason"]
         await env.push_job(f"j-{env.tag}", [str(f) for f in files])

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Env, StoreWrapper, wait_until
+from tests.helpers import Env, StoreWrapper, get, listen, wait_until
 from uploader import daemon as daemon_mod
 from uploader import devservers
 from uploader.config import Config
@@ -52,20 +52,6 @@ async def serving(env: Env, http: aiohttp.ClientSession, config: Config, base: s
     async with env.daemon(config, store=store):
         await wait_until(answers, what="the HTTP API")
         yield
-
-
-def listen(env: Env, **overrides: Any) -> tuple[Config, str]:
-    port = devservers.free_port()
-    config = env.config(http={"listen": f"127.0.0.1:{port}", **overrides.pop("http", {})}, **overrides)
-    return config, f"http://127.0.0.1:{port}"
-
-
-async def get(session: aiohttp.ClientSession, url: str, token: str = "") -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with session.get(url, headers=headers) as response:
-        if response.content_type == "application/json":
-            return response.status, await response.json()
-        return response.status, await response.text()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
