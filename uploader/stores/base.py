@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -89,17 +88,26 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-@contextlib.contextmanager
-def translated(translate: Translate) -> Iterator[None]:
+class translated:
     """Raise what the block's libraries raise as `translate` says, once, at the store's edge;
-    an error it does not know (or returns as is) goes on unchanged, and cancellation too."""
-    try:
-        yield
-    except Exception as exc:
-        error = translate(exc)
-        if error is None or error is exc:
-            raise
-        raise error from None
+    an error it does not know (or returns as is) goes on unchanged, and cancellation too.
+
+    A class, not a generator: it runs on every put, and costs under a third as much this way."""
+
+    __slots__ = ("_translate",)
+
+    def __init__(self, translate: Translate) -> None:
+        self._translate = translate
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if not isinstance(exc, Exception):
+            return
+        error = self._translate(exc)
+        if error is not None and error is not exc:
+            raise error from None
 
 
 def probe_failure(translate: Translate, what: str) -> Translate:
