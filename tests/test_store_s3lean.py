@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from uploader.config import S3StoreConfig
 from uploader.devservers import free_port, wait_for_port
-from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
+from uploader.errors import StoreUnavailableError, ThrottledError
 from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store, classify_s3_error
@@ -112,7 +112,8 @@ def test_an_empty_error_reply_is_classified_by_its_status() -> None:
     assert isinstance(refused, StoreUnavailableError) and refused.per_key  # the probe decides
     with pytest.raises(ClientError) as caught:
         check_reply(400, b"")
-    assert isinstance(classify_s3_error(caught.value), PermanentFileError)
+    error = classify_s3_error(caught.value)
+    assert isinstance(error, StoreUnavailableError) and not error.per_key
 
 
 # --- round trips --------------------------------------------------------------------------------
@@ -287,7 +288,8 @@ async def test_rclone_accepts_the_lean_signature_with_credentials_from_the_envir
     assert got["ContentType"] == "image/png"
 
 
-async def test_rclone_refuses_a_wrong_secret_and_that_is_permanent(rclone_endpoint: tuple[str, str]) -> None:
+async def test_rclone_refuses_a_wrong_secret_and_that_is_an_outage(rclone_endpoint: tuple[str, str]) -> None:
+    """Wrong credentials fail no file: the store is unusable for every key until they are fixed."""
     endpoint, bucket = rclone_endpoint
     lean = LeanPut(f"{endpoint}/{bucket}/", REGION, _static(RCLONE_KEY, "not-the-secret"), 2, 10.0)
     await lean.start()
@@ -297,4 +299,5 @@ async def test_rclone_refuses_a_wrong_secret_and_that_is_permanent(rclone_endpoi
     finally:
         await lean.close()
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-    assert isinstance(classify_s3_error(caught.value), PermanentFileError)
+    error = classify_s3_error(caught.value)
+    assert isinstance(error, StoreUnavailableError) and not error.per_key
