@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from uploader.config import S3StoreConfig
 from uploader.devservers import free_port, wait_for_port
-from uploader.errors import StoreUnavailableError, ThrottledError
+from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
 from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store, classify_s3_error
@@ -112,8 +112,7 @@ def test_an_empty_error_reply_is_classified_by_its_status() -> None:
     assert isinstance(refused, StoreUnavailableError) and refused.per_key  # the probe decides
     with pytest.raises(ClientError) as caught:
         check_reply(400, b"")
-    error = classify_s3_error(caught.value)
-    assert isinstance(error, StoreUnavailableError) and not error.per_key
+    assert isinstance(classify_s3_error(caught.value), PermanentFileError)
 
 
 # --- round trips --------------------------------------------------------------------------------
