@@ -498,3 +498,79 @@ async def _push_through_outages(env: Env, job_id: str, entries: list[str], ttr: 
         except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
             await asyncio.sleep(0.2)
     await env.put(job_id, ttr=ttr)
+
+
+async def assert_counted_as_stored(
+    penv: Env, s3: Any, bucket: str, job_id: str, files: int
+) -> dict[str, str]:
+    """The job's counters equal what the bucket holds: each file once, its bytes once."""
+    state = await penv.wait_final(job_id, 90)
+    assert state["state"] == "done", state
+    counted = int(state["uploaded"]) + int(state["skipped"]) + int(state["failed"])
+    assert (counted, state["total"], state["failed"]) == (files, str(files), "0"), state
+    stored = [
+        obj["Size"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{job_id}/")
+        for obj in page.get("Contents", [])
+    ]
+    assert len(stored) == files
+    assert int(state["bytes"]) == sum(stored), "a file's bytes were counted twice, or not at all"
+    return state
+
+
+def two_sizes(penv: Env, files: int) -> list[str]:
+    half = files // 2
+    paths = [*penv.write_files(half, sub="a", size=700), *penv.write_files(files - half, sub="b", size=1300)]
+    return [str(p) for p in paths]
+
+
+@pytest.mark.timeout(120)
+async def test_two_runs_of_one_job_after_a_beanstalkd_restart_count_each_file_once(
+    env: Env, tmp_path: Path, moto_endpoint: str, s3: Any, bucket: str, proxy: FaultProxy, daemons: Daemons
+) -> None:
+    """beanstalkd restarts from its binlog under a running job and a second daemon reserves it
+    at once: the first must notice now, not at its next touch, and no file counts twice."""
+    server = devservers.beanstalkd(binlog=True).start()
+    try:
+        async with private_env(tmp_path, moto_endpoint, beanstalkd=server, shared=env) as penv:
+            proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.05))
+            job_id = f"twice-{penv.tag}"
+            await penv.push_job(job_id, two_sizes(penv, 300), ttr=20)
+            one_job = {"upload": {"concurrency": 4}, "source": {"max_active_jobs": 1}}
+            first = daemons.start(chaos_config(penv, proxy, bucket, **one_job))
+            await wait_until(lambda: uploaded_at_least(penv, job_id, 40), 30, "the first run under way")
+            second = daemons.start(chaos_config(penv, proxy, bucket, name="second.toml", **one_job))
+            await second.wait_event("ready", 15)
+
+            server.stop(kill=True)
+            server.start()  # its binlog puts the held job back to ready: the second daemon takes it
+            noticed = await first.wait_event("job_touch_failed", 5)
+            assert "closed the connection" in noticed["error"]
+
+            await assert_counted_as_stored(penv, s3, bucket, job_id, 300)
+            if second.events("job_started"):
+                assert second.events("job_run_overlap"), "a second run began and nothing said so"
+            assert first.stop() == 0 and second.stop() == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_a_job_whose_ttr_runs_out_mid_run_is_counted_once(
+    env: Env, tmp_path: Path, moto_endpoint: str, s3: Any, bucket: str, proxy: FaultProxy, daemons: Daemons
+) -> None:
+    """A TTR of 2 s and a first daemon that touches too late: beanstalkd hands the job to the
+    second daemon while the first is still uploading; both runs upload, each file counts once."""
+    proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.05))
+    job_id = f"ttr-{env.tag}"
+    await env.push_job(job_id, two_sizes(env, 240), ttr=2)
+    late = {"upload": {"concurrency": 2}, "source": {"max_active_jobs": 1, "min_touch_interval": 6.0}}
+    first = daemons.start(chaos_config(env, proxy, bucket, **late))
+    await wait_until(lambda: uploaded_at_least(env, job_id, 10), 30, "the first run under way")
+    second = daemons.start(chaos_config(env, proxy, bucket, name="second.toml",
+                                        upload={"concurrency": 2}, source={"max_active_jobs": 1}))
+    await second.wait_event("job_started", 15)  # the TTR ran out: the job is the second's too
+    await first.wait_event("job_touch_failed", 15)
+    await assert_counted_as_stored(env, s3, bucket, job_id, 240)
+    assert second.events("job_run_overlap"), "a second run began and nothing said so"
+    assert first.stop() == 0 and second.stop() == 0

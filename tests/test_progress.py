@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from uploader.config import RedisConfig
 from uploader.devservers import Server
-from uploader.progress import Progress, mark_args
+from uploader.progress import Progress
 from uploader.redisio import Keys
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,7 +53,7 @@ class ReplyDropper:
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
-                if self.armed and b"BITFIELD" in data:
+                if self.armed and b"EVALSHA" in data:
                     exec_sent.set()
                 server_w.write(data)
                 await server_w.drain()
@@ -129,7 +131,7 @@ async def test_a_flush_cancelled_after_redis_applied_it_is_resent_and_counted_on
     redis_server: Server, direct: aioredis.Redis
 ) -> None:
     """Shutdown cancels a flush whose batch Redis has already applied; the final flush sends
-    that batch again under its number, and it must not add up twice."""
+    that batch again, and it must not add up twice."""
     async with progress_through(redis_server, hold=True) as (dropper, progress, keys):
         await progress.start("job", 5)
         for i in range(3):
@@ -148,7 +150,124 @@ async def test_a_flush_cancelled_after_redis_applied_it_is_resent_and_counted_on
         assert (state[b"uploaded"], state[b"bytes"]) == (b"4", b"40")
 
 
-def test_mark_args_use_whole_words_only_where_a_batch_covers_them() -> None:
-    assert mark_args([3, 1, 1]) == ["SET", "u1", 1, 1, "SET", "u1", 3, 1]
-    assert mark_args(list(range(8, 16))) == ["SET", "u8", "#1", 255]
-    assert mark_args([*range(64, 128), 130]) == ["SET", "i64", "#1", -1, "SET", "u1", 130, 1]
+ENTRIES = 40
+
+
+def size(index: int) -> int:
+    return 1 + index
+
+
+def kind(index: int) -> str:
+    """The same file gives the same outcome to every run: stored already, or uploaded."""
+    return "skipped" if index % 5 == 0 else "uploaded"
+
+
+async def assert_counters_match_what_is_stored(direct: aioredis.Redis, keys: Keys, seed: int) -> None:
+    state = {k.decode(): int(v) for k, v in (await direct.hgetall(keys.job("job"))).items()
+             if k in (b"uploaded", b"skipped", b"failed", b"bytes")}
+    bitmap = await direct.get(keys.marks("job")) or b""
+    marked = [i for i in range(ENTRIES) if i // 8 < len(bitmap) and bitmap[i // 8] & (0x80 >> (i % 8))]
+    failing = {int(k): v.decode() for k, v in (await direct.hgetall(keys.failing("job"))).items()}
+    reasons = {k.decode() for k in await direct.hkeys(keys.failed("job"))}
+    assert state.get("uploaded", 0) == sum(kind(i) == "uploaded" for i in marked), seed
+    assert state.get("skipped", 0) == sum(kind(i) == "skipped" for i in marked), seed
+    assert state.get("bytes", 0) == sum(size(i) for i in marked if kind(i) == "uploaded"), seed
+    assert state.get("failed", 0) == len(failing), seed
+    assert not set(failing) & set(marked), f"seed {seed}: an entry counts as failed and as done"
+    assert reasons == set(failing.values()), seed
+
+
+async def play(seed: int, direct: aioredis.Redis, redis_server: Server) -> None:
+    """Two runs of one job, their outcomes interleaved at random, batches flushed at random
+    and some sent again (a lost reply); the second run may start in the middle."""
+    rng = random.Random(seed)
+    keys = Keys(prefix=f"prop-{seed}-{uuid.uuid4().hex[:6]}:")
+    client = aioredis.Redis.from_url(f"redis://{redis_server.address}/0")
+    runs = [Progress(client, keys, RedisConfig(), worker) for worker in ("a:1", "b:2")]
+    sent: list[tuple[Progress, dict[str, list[object]]]] = []
+    for run in runs:
+        write = run._write
+
+        async def remembered(batch: dict[str, list[object]], run: Progress = run, write=write) -> None:  # type: ignore[no-untyped-def]
+            sent.append((run, batch))
+            await write(batch)  # type: ignore[arg-type]
+
+        run._write = remembered  # type: ignore[method-assign]
+    await runs[0].start("job", ENTRIES)
+    todo = [rng.sample(range(ENTRIES), rng.randint(ENTRIES // 2, ENTRIES)) for _ in runs]
+    b_started = False
+    try:
+        while any(todo):
+            who = rng.choice([r for r in range(2) if todo[r]])
+            if who == 1 and not b_started:
+                await runs[1].start("job", ENTRIES)
+                b_started = True
+            index = todo[who].pop()
+            if rng.random() < 0.2:
+                runs[who].record("job", index, "failed", label=f"/f/{index}", reason=f"gone ({who})")
+            else:
+                runs[who].record("job", index, kind(index), size(index) if kind(index) == "uploaded" else 0)
+            roll = rng.random()
+            if roll < 0.15:
+                await runs[rng.randrange(2)].flush()
+            elif roll < 0.22 and sent:
+                run, batch = rng.choice(sent)
+                await run._write(batch)  # type: ignore[arg-type]
+            await assert_counters_match_what_is_stored(direct, keys, seed)
+        for run in runs:
+            await run.flush()
+        await assert_counters_match_what_is_stored(direct, keys, seed)
+        # A last run uploads whatever is left: every entry then counts exactly once.
+        for index in range(ENTRIES):
+            runs[0].record("job", index, kind(index), size(index) if kind(index) == "uploaded" else 0)
+        await runs[0].flush()
+        await assert_counters_match_what_is_stored(direct, keys, seed)
+        state = await direct.hgetall(keys.job("job"))
+        assert int(state[b"uploaded"]) + int(state[b"skipped"]) == ENTRIES, seed
+        assert int(state[b"failed"]) == 0, seed
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_two_runs_interleaved_with_resends_count_each_entry_once(
+    redis_server: Server, direct: aioredis.Redis
+) -> None:
+    for seed in range(150):
+        await play(seed, direct, redis_server)
+
+
+async def test_a_failure_is_taken_back_when_another_run_uploads_the_entry(direct: aioredis.Redis) -> None:
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    a, b = (Progress(direct, keys, RedisConfig(), w) for w in ("a:1", "b:2"))
+    await a.start("job", 2)
+    a.record("job", 0, "failed", label="/x", reason="timed out")
+    await a.flush()
+    assert (await direct.hget(keys.job("job"), "failed"), await direct.hlen(keys.failed("job"))) == (b"1", 1)
+    b.record("job", 0, "uploaded", 5)
+    b.record("job", 1, "uploaded", 5)
+    a.record("job", 1, "failed", label="/y", reason="late")  # after b's upload: no failure
+    await b.flush()
+    await a.flush()
+    state = await direct.hgetall(keys.job("job"))
+    assert (state[b"uploaded"], state[b"failed"], state[b"bytes"]) == (b"2", b"0", b"10")
+    assert await direct.hlen(keys.failed("job")) == 0
+    assert await a.finish("job", 1.0) == {"id": "job", "state": "done", "total": 2, "uploaded": 2,
+                                          "skipped": 0, "failed": 0, "bytes": 10, "seconds": 1.0}
+
+
+async def test_a_second_run_starting_while_another_writes_progress_is_logged(direct: aioredis.Redis) -> None:
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    a, b = (Progress(direct, keys, RedisConfig(), w) for w in ("host-a:1", "host-b:2"))
+    await a.start("job", 3)
+    a.record("job", 0, "uploaded", 1)
+    await a.flush()
+    with structlog.testing.capture_logs() as logged:
+        await b.start("job", 3)
+        await a.start("job", 3)  # itself again, just after b: b is the other run now
+    overlaps = [e for e in logged if e["event"] == "job_run_overlap"]
+    assert [e["other_worker"] for e in overlaps] == ["host-a:1", "host-b:2"]
+    await direct.hset(keys.job("job"), "updated_at", 0)  # long quiet: a crashed run, not a live one
+    with structlog.testing.capture_logs() as logged:
+        await b.start("job", 3)
+    assert not [e for e in logged if e["event"] == "job_run_overlap"]

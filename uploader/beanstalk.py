@@ -100,25 +100,57 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _Protocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, telling `gone` the moment the server closes or the connection
+    breaks, whether or not a command is waiting for a reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, gone: asyncio.Event) -> None:
+        super().__init__(reader)
+        self._gone = gone
+
+    def eof_received(self) -> bool:
+        self._gone.set()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone.set()
+        super().connection_lost(exc)
+
+
 class Connection:
     """One connection to beanstalkd. Commands are serialised; a broken stream is closed."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: str,
+        gone: asyncio.Event | None = None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._lock = asyncio.Lock()
+        self._gone = gone or asyncio.Event()
         self.address = address
         self.closed = False
 
     @classmethod
     async def connect(cls, address: str, timeout: float = 5.0) -> Connection:
         host, port = parse_address(address)
+        loop = asyncio.get_running_loop()
+        reader, gone = asyncio.StreamReader(), asyncio.Event()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                transport, protocol = await loop.create_connection(
+                    lambda: _Protocol(reader, gone), host, port
+                )
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(f"cannot connect to beanstalkd at {address}: {_why(exc)}") from None
-        return cls(reader, writer, address)
+        return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop), address, gone)
+
+    async def wait_gone(self) -> None:
+        """Until the server closes the connection or it breaks (reservations on it are over)."""
+        await self._gone.wait()
 
     async def close(self) -> None:
         if self.closed:

@@ -132,6 +132,7 @@ async def _write_job(redis: Redis, keys: Keys, job_id: str, entries: list[str]) 
             keys.failed(job_id),
             keys.marks(job_id),
             keys.applied(job_id),
+            keys.failing(job_id),
             keys.walk(job_id),
             keys.cancel(job_id),
         )

@@ -288,7 +288,7 @@ class Jobs:
             return
         seconds = self.time.monotonic() - run.started
         c = run.counts
-        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, failed=c.failed)
+        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled)
         await self.completions.announce(message)
         state = cast(State, message["state"])
         await self.source.settle(run.held, "bury" if state == "failed" else "delete")
@@ -300,16 +300,12 @@ class Jobs:
         )
 
     async def _keep_alive(self, run: JobRun) -> None:
-        """Touch the job about every TTR/2 so that no other worker is handed it meanwhile."""
-        every = self.source.touch_interval(run.held)
-        while True:
-            await self.time.sleep(every)
-            try:
-                await self.source.touch(run.held)
-            except ReservationLost as exc:
-                log.warning("job_touch_failed", error=str(exc))
-                run.stop("lost")
-                return
+        """Keep the reservation; once it is lost, stop handing out the job's files."""
+        try:
+            await self.source.keep(run.held)
+        except ReservationLost as exc:
+            log.warning("job_touch_failed", error=str(exc))
+            run.stop("lost")
 
     async def _watch_cancel(self, run: JobRun) -> None:
         """Producers cancel by SET-ting a key, so this polls Redis: one EXISTS per job a second."""

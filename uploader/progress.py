@@ -2,12 +2,13 @@
 
 A file's outcome is buffered and reaches Redis in one transaction with many others, every
 `flush_interval` or `flush_batch` outcomes, so the hot path never waits on a round trip.
-Marks and counters travel in the same MULTI/EXEC, so they never disagree, and what a crash
-loses is uploaded again (at least once, never zero times).
+What a crash loses is uploaded again (at least once, never zero times).
 
-A batch whose reply is lost (Redis stopped after applying it) is sent again. Marks and
-reasons are idempotent; counters are not, so each batch carries a sequence number and a
-small script adds its counts only if this process has not applied that number to the job.
+Counters are exact by construction: an entry counts only when its resume mark goes from unset
+to set, decided in the same script that sets it. So a batch sent again (its reply was lost),
+or two runs of one job at once (a reservation lost unnoticed, a TTR that ran out), can upload
+a file twice but never count it twice. A failure counts once per entry, and is taken back if
+another run then uploads the entry.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import asyncio
 import contextlib
 import functools
 import json
-import secrets
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.client import Pipeline
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
 from uploader.errors import BadJobError
@@ -42,28 +42,57 @@ FAILED_JOBS = 10_000  # failed jobs kept for `uploader failed` and `retry`
 COMPLETION_COUNTS = ("total", "uploaded", "skipped", "failed", "bytes")  # in completion messages
 LIST_LABEL = "<files list>"  # where a job-level failure's reason is kept in the failed hash
 
-# KEYS: the job's hash, its applied-batch hash. ARGV: writer, sequence, now, then the counts.
-_ADD_COUNTS = """
-local seq = tonumber(ARGV[2])
-if tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') >= seq then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], seq)
-local names = {'uploaded', 'skipped', 'failed', 'bytes'}
-for i = 1, 4 do
-  local n = tonumber(ARGV[3 + i])
-  if n ~= 0 then redis.call('HINCRBY', KEYS[1], names[i], n) end
+# KEYS: the job's hash, marks, failed entries (index -> label), failed reasons (label -> why).
+# ARGV: now, then four per outcome: index, kind ('u'ploaded, 's'kipped, 'f'ailed), then bytes
+# and '' for a success, or label and reason for a failure.
+_APPLY = """
+local h, marks, failing, reasons = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local up, sk, fl, by = 0, 0, 0, 0
+local any_failing = redis.call('EXISTS', failing) == 1
+for i = 2, #ARGV, 4 do
+  local index, kind = tonumber(ARGV[i]), ARGV[i + 1]
+  if kind == 'f' then
+    if redis.call('GETBIT', marks, index) == 0 then
+      redis.call('HSET', reasons, ARGV[i + 2], ARGV[i + 3])
+      if redis.call('HSETNX', failing, index, ARGV[i + 2]) == 1 then
+        fl = fl + 1
+        any_failing = true
+      end
+    end
+  elseif redis.call('SETBIT', marks, index, 1) == 0 then
+    if kind == 'u' then
+      up = up + 1
+      by = by + tonumber(ARGV[i + 2])
+    else
+      sk = sk + 1
+    end
+    local label = any_failing and redis.call('HGET', failing, index)
+    if label then
+      redis.call('HDEL', failing, index)
+      redis.call('HDEL', reasons, label)
+      fl = fl - 1
+    end
+  end
 end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-return 1
+local names, counts = {'uploaded', 'skipped', 'failed', 'bytes'}, {up, sk, fl, by}
+for i = 1, 4 do
+  if counts[i] ~= 0 then redis.call('HINCRBY', h, names[i], counts[i]) end
+end
+redis.call('HSET', h, 'updated_at', ARGV[1])
 """
 
 # Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
 # whole seconds, and each daemon reads it with its own clock.
 SAME_DELIVERY_SLACK = 5
+# Seconds since another worker's last progress write within which its run may still be alive.
+OVERLAP_WINDOW = 30
 
-# KEYS: the job's hash, marks, applied batches, failed reasons, directory walk digests.
-# ARGV: worker, now, total ('' if unknown), beanstalkd address, job id, put time, tube, slack.
-# Returns 'fresh' (a new run of a finished job's ID), 'resume', or 'cancelled' (the same
-# delivery of a run that was cancelled: it stays cancelled).
+# KEYS: the job's hash, marks, applied batches (older versions), failed reasons, directory walk
+# digests, failed entries.
+# ARGV: worker, now, total ('' if unknown), beanstalkd address, job id, put time, tube, slack,
+# overlap window. Returns {mode, overlap}: mode 'fresh' (a new run of a finished job's ID),
+# 'resume', or 'cancelled' (the same delivery of a run that was cancelled: it stays so);
+# overlap '' or "worker seconds" when another worker's run wrote progress that recently.
 _START = """
 local h = KEYS[1]
 local mode = 'resume'
@@ -75,11 +104,17 @@ if redis.call('HEXISTS', h, 'finished_at') == 1 then
   if not same then
     mode = 'fresh'
   elseif was[4] == 'cancelled' then
-    return 'cancelled'
+    return {'cancelled', ''}
   end
 end
 if mode == 'fresh' then
   redis.call('DEL', h, KEYS[2], KEYS[3], KEYS[5])
+end
+local other, seen = redis.call('HGET', h, 'worker'), tonumber(redis.call('HGET', h, 'updated_at') or '')
+local overlap = ''
+if mode == 'resume' and redis.call('HGET', h, 'state') == 'running' and other and other ~= ARGV[1]
+    and seen and tonumber(ARGV[2]) - seen <= tonumber(ARGV[9]) then
+  overlap = other .. ' ' .. (tonumber(ARGV[2]) - seen)
 end
 redis.call('HSET', h, 'state', 'running', 'worker', ARGV[1], 'updated_at', ARGV[2], 'failed', 0)
 if ARGV[3] ~= '' then redis.call('HSET', h, 'total', ARGV[3]) end
@@ -89,9 +124,9 @@ end
 for _, name in ipairs({'uploaded', 'skipped', 'bytes'}) do redis.call('HSETNX', h, name, 0) end
 redis.call('HSETNX', h, 'started_at', ARGV[2])
 redis.call('HDEL', h, 'finished_at')
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[6])
 for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
-return mode
+return {mode, overlap}
 """
 
 Start = Literal["fresh", "resume", "cancelled"]
@@ -128,47 +163,18 @@ class Counts:
         return self.uploaded + self.skipped + self.failed
 
 
-@dataclass(slots=True)
-class _Pending:
-    counts: Counts = field(default_factory=Counts)
-    marks: list[int] = field(default_factory=list)
-    reasons: dict[FieldT, EncodableT] = field(default_factory=dict)
-
-
-def mark_args(indexes: list[int]) -> list[str | int]:
-    """BITFIELD arguments that set these bits: 64 or 8 at once where a batch covers a whole
-    aligned word or byte (setting all of its bits to 1 is the same as OR-ing them in), single
-    bits elsewhere. A batch of files finished in order costs ~1/64 of the arguments."""
-    ordered = sorted(set(indexes))
-    args: list[str | int] = []
-    i, n = 0, len(ordered)
-    while i < n:
-        index = ordered[i]
-        if index % 64 == 0 and i + 63 < n and ordered[i + 63] == index + 63:
-            args += ["SET", "i64", f"#{index // 64}", -1]
-            i += 64
-        elif index % 8 == 0 and i + 7 < n and ordered[i + 7] == index + 7:
-            args += ["SET", "u8", f"#{index // 8}", 255]
-            i += 8
-        else:
-            args += ["SET", "u1", index, 1]
-            i += 1
-    return args
-
-
 class Progress:
     def __init__(self, redis: aioredis.Redis, keys: Keys, config: RedisConfig, worker: str) -> None:
         self._redis = redis
         self._keys = keys
         self._config = config
         self._worker = worker
-        # Names this process's batch numbers; a restarted process (same pid or not) starts anew.
-        self._writer = f"{worker}:{secrets.token_hex(4)}"
-        self._add_counts = redis.register_script(_ADD_COUNTS)
+        self._apply = redis.register_script(_APPLY)
         self._start_script = redis.register_script(_START)
-        self._sequence = 0
-        self._unsent: list[tuple[int, dict[str, _Pending]]] = []
-        self._pending: dict[str, _Pending] = defaultdict(_Pending)
+        # Per job, four script arguments per outcome (see _APPLY); a batch stays in `_unsent`
+        # until Redis acknowledges it, and sending it again counts nothing twice.
+        self._unsent: list[dict[str, list[EncodableT]]] = []
+        self._pending: dict[str, list[EncodableT]] = defaultdict(list)
         self._buffered = 0
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -178,12 +184,10 @@ class Progress:
         self, job_id: str, index: int, outcome: Outcome, nbytes: int = 0, label: str = "", reason: str = ""
     ) -> None:
         """Buffer one file's outcome; failed files are not marked, so a re-run retries them."""
-        pending = self._pending[job_id]
-        pending.counts.add(outcome, nbytes)
         if outcome == "failed":
-            pending.reasons[label] = reason[:MAX_REASON].replace("\n", " ")
+            self._pending[job_id] += (index, "f", label, reason[:MAX_REASON].replace("\n", " "))
         else:
-            pending.marks.append(index)
+            self._pending[job_id] += (index, outcome[0], nbytes, "")
         self._buffered += 1
         if self._buffered >= self._config.flush_batch:
             self._full.set()
@@ -202,45 +206,37 @@ class Progress:
     @property
     def unsaved(self) -> int:
         """Outcomes not yet acknowledged by Redis."""
-        return self._buffered + sum(p.counts.settled for _, batch in self._unsent for p in batch.values())
+        return self._buffered + sum(len(args) // 4 for batch in self._unsent for args in batch.values())
 
     def stop(self) -> None:
         self._stopping = True
         self._full.set()
 
     async def flush(self) -> None:
-        """Write what is buffered. A batch keeps its number until Redis has acknowledged it,
-        also when this is cancelled mid-write, so sending it again can never count it twice."""
+        """Write what is buffered. A batch stays queued until Redis has acknowledged it, also
+        when this is cancelled mid-write; sending it again counts nothing twice."""
         async with self._flush_lock:
             if self._pending:
                 self._full.clear()
-                self._sequence += 1
-                self._unsent.append((self._sequence, self._pending))
-                self._pending = defaultdict(_Pending)
+                self._unsent.append(self._pending)
+                self._pending = defaultdict(list)
                 self._buffered = 0
             while self._unsent:
                 try:
-                    await until_done(functools.partial(self._write, *self._unsent[0]), "flush progress")
+                    await until_done(functools.partial(self._write, self._unsent[0]), "flush progress")
                 except redis.exceptions.ResponseError as exc:
                     # A key of another type (see check_keys): the transaction applied all the
                     # rest; sending it again would fail the same way.
                     log.error("progress_write_refused", error=str(exc))
                 self._unsent.pop(0)
 
-    async def _write(self, sequence: int, batch: dict[str, _Pending]) -> None:
+    async def _write(self, batch: dict[str, list[EncodableT]]) -> None:
         now = int(time.time())
         async with self._redis.pipeline(transaction=True) as pipe:
-            for job_id, pending in batch.items():
-                c = pending.counts
-                await self._add_counts(
-                    keys=[self._keys.job(job_id), self._keys.applied(job_id)],
-                    args=[self._writer, sequence, now, c.uploaded, c.skipped, c.failed, c.bytes],
-                    client=pipe,
-                )
-                if pending.marks:
-                    pipe.execute_command("BITFIELD", self._keys.marks(job_id), *mark_args(pending.marks))
-                if pending.reasons:
-                    pipe.hset(self._keys.failed(job_id), mapping=pending.reasons)
+            for job_id, args in batch.items():
+                k = self._keys
+                keys = [k.job(job_id), k.marks(job_id), k.failing(job_id), k.failed(job_id)]
+                await self._apply(keys=keys, args=[now, *args], client=pipe)
             await pipe.execute()
 
     async def check_keys(self, job_id: str) -> None:
@@ -250,6 +246,7 @@ class Progress:
             self._keys.job(job_id): "hash",
             self._keys.failed(job_id): "hash",
             self._keys.applied(job_id): "hash",
+            self._keys.failing(job_id): "hash",
             self._keys.marks(job_id): "string",
         }
 
@@ -285,10 +282,17 @@ class Progress:
             self._keys.applied(job_id),
             self._keys.failed(job_id),
             self._keys.walk(job_id),
+            self._keys.failing(job_id),
         ]
-        args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK]
-        mode = await until_done(lambda: self._start_script(keys=keys, args=args), "start job")
-        return cast(Start, text(mode) if isinstance(mode, bytes | str) else "resume")
+        args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK, OVERLAP_WINDOW]
+        reply = await until_done(lambda: self._start_script(keys=keys, args=args), "start job")
+        mode, overlap = (text(part) for part in reply)
+        if overlap:
+            # Counters stay exact (see _APPLY); the log says why files may be uploaded twice.
+            other, seconds = overlap.rsplit(" ", 1)
+            log.warning("job_run_overlap", job_id=job_id, other_worker=other, seconds_since=int(seconds),
+                        reason="another worker's run of this job wrote progress moments ago")
+        return cast(Start, mode)
 
     async def set_total(self, job_id: str, total: int) -> None:
         await until_done(lambda: self._redis.hset(self._keys.job(job_id), "total", total), "set total")
@@ -314,14 +318,12 @@ class Progress:
         await self.start(job_id, 0, delivery)
         await self.fail_list(job_id, reason)
 
-    async def finish(
-        self, job_id: str, seconds: float, *, cancelled: bool = False, failed: int = 0
-    ) -> dict[str, object]:
+    async def finish(self, job_id: str, seconds: float, *, cancelled: bool = False) -> dict[str, object]:
         """Flush, decide and settle the final state, start the expiry clock; return the
-        completion message. `failed`: files this run failed; failures recorded by earlier
-        runs or for the list itself make the job failed too."""
+        completion message. The verdict is Redis's, not this run's: another run of the job
+        may have uploaded a file this one failed."""
         await self.flush()
-        state: State = "cancelled" if cancelled else "failed" if failed else await self._verdict(job_id)
+        state: State = "cancelled" if cancelled else await self._verdict(job_id)
         key = self._keys.job(job_id)
         ttl = self._config.progress_ttl
         now = int(time.time())
@@ -336,6 +338,7 @@ class Progress:
                     self._keys.marks(job_id),
                     self._keys.applied(job_id),
                     self._keys.walk(job_id),
+                    self._keys.failing(job_id),
                 ):
                     pipe.expire(k, ttl)
                 # The flag was for this run, whether it saw it or not: never for a later one.
@@ -350,8 +353,17 @@ class Progress:
         return {"id": job_id, "state": state, **counts, "seconds": round(seconds, 3)}
 
     async def _verdict(self, job_id: str) -> State:
-        failures = await until_done(lambda: self._redis.hlen(self._keys.failed(job_id)), "hlen")
-        return "failed" if failures else "done"
+        """Failed when a file counts as failed, or the list itself could not be read."""
+
+        async def call() -> list[object]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._keys.job(job_id), "failed")
+                pipe.hexists(self._keys.failed(job_id), LIST_LABEL)
+                result: list[object] = await pipe.execute()
+                return result
+
+        failed, unreadable = await until_done(call, "read verdict")
+        return "failed" if int(failed or 0) > 0 or unreadable else "done"  # type: ignore[call-overload]
 
     def _index(self, pipe: Pipeline, job_id: str, state: State, now: int) -> None:
         """Keep the bounded lists of finished and failed jobs that operators read (`/jobs`,

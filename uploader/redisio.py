@@ -47,8 +47,14 @@ class Keys:
         return f"{self.prefix}job:{job_id}:walk"
 
     def applied(self, job_id: str) -> str:
-        """Which progress batches each writer has applied: makes a resent batch a no-op."""
+        """Which progress batches each writer had applied: written by earlier versions only,
+        still deleted and expired with the rest."""
         return f"{self.prefix}job:{job_id}:applied"
+
+    def failing(self, job_id: str) -> str:
+        """The entries counted as failed, index -> label: a failure counts once per entry, and
+        is taken back when another run uploads the entry."""
+        return f"{self.prefix}job:{job_id}:failing"
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:cancel"

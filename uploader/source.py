@@ -22,6 +22,7 @@ With one tube, or equal weights, there is only the blocking reserve: no extra ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -228,6 +229,18 @@ class Source:
 
     def touch_interval(self, job: HeldJob) -> float:
         return max(self.config.min_touch_interval, job.ttr / 2)
+
+    async def keep(self, job: HeldJob) -> None:
+        """Touch the job about every TTR/2 so that no other worker is handed it; raise
+        ReservationLost the moment its connection goes (a beanstalkd restart), not at the next
+        touch, so a run that is no longer ours stops handing out files at once."""
+        every = self.touch_interval(job)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await job.conn.wait_gone()
+                    raise ReservationLost(f"beanstalkd at {job.address} closed the connection")
+            await self.touch(job)
 
     async def touch(self, job: HeldJob) -> None:
         """Restart the job's TTR; raises ReservationLost if it is no longer ours."""
