@@ -198,7 +198,8 @@ async def test_enqueue_reuses_a_finished_id_and_resets_the_old_run(env: Env) -> 
         keys.job(job_id), mapping={"state": "failed", "total": 2, "failed": 2, "finished_at": 1}
     )
     await env.redis.hset(keys.failed(job_id), "/old/a", "file not found")
-    for key in (keys.marks(job_id), keys.applied(job_id), keys.cancel(job_id)):
+    traces = (keys.cancel(job_id), *keys.internal(job_id), *keys.legacy(job_id))  # legacy: pre-0.5 names
+    for key in traces:
         await env.redis.set(key, "1")
     path = str(env.write_files(1)[0])
 
@@ -210,9 +211,7 @@ async def test_enqueue_reuses_a_finished_id_and_resets_the_old_run(env: Env) -> 
     state = await env.state(job_id)
     assert state.pop("updated_at").isdigit()
     assert state == {"state": "queued", "total": "1"}
-    assert not await env.redis.exists(
-        keys.failed(job_id), keys.marks(job_id), keys.applied(job_id), keys.cancel(job_id)
-    )
+    assert not await env.redis.exists(keys.failed(job_id), *traces)
 
 
 async def test_enqueue_wait_on_a_reused_id_reports_the_new_run(env: Env) -> None:

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from uploader import redisio
+from uploader.config import RedisConfig
 from uploader.devservers import Server
 from uploader.errors import BadJobError
 from uploader.manifest import (
@@ -236,7 +237,7 @@ def test_is_marked_with_no_bitmap() -> None:
 
 @pytest.fixture
 async def redis(redis_server: Server) -> AsyncIterator[aioredis.Redis]:
-    client = redisio.connect(f"redis://{redis_server.address}/0")
+    client = redisio.connect(RedisConfig(url=f"redis://{redis_server.address}/0"))
     yield client
     await client.aclose()
 

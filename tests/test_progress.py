@@ -167,7 +167,8 @@ async def assert_counters_match_what_is_stored(direct: aioredis.Redis, keys: Key
              if k in (b"uploaded", b"skipped", b"failed", b"bytes")}
     bitmap = await direct.get(keys.marks("job")) or b""
     marked = [i for i in range(ENTRIES) if i // 8 < len(bitmap) and bitmap[i // 8] & (0x80 >> (i % 8))]
-    failing = {int(k): v.decode() for k, v in (await direct.hgetall(keys.failing("job"))).items()}
+    # index -> label NUL reason
+    failing = {int(k): v.decode().split("\0")[0] for k, v in (await direct.hgetall(keys.failing("job"))).items()}
     reasons = {k.decode() for k in await direct.hkeys(keys.failed("job"))}
     assert state.get("uploaded", 0) == sum(kind(i) == "uploaded" for i in marked), seed
     assert state.get("skipped", 0) == sum(kind(i) == "skipped" for i in marked), seed

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis.exceptions
 
 from uploader import config as config_mod
+from uploader import redisio
 from uploader.beanstalk import Connection, ConnectionLost
 from uploader.config import Config
 from uploader.redisio import Keys
@@ -69,20 +70,14 @@ def reason(exc: BaseException) -> str:
 async def redis_keys(config: Config) -> AsyncIterator[tuple[Redis, Keys]]:
     """A client that gives up after CONNECT_TIMEOUT, its outages told as one line naming it,
     and the config's key names: every command that reads Redis needs both."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    url = config.redis.url
-    client = Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=REPLY_TIMEOUT, retry=Retry(NoBackoff(), 0)
-    )
+    client = redisio.connect(config.redis, connect_timeout=CONNECT_TIMEOUT, reply_timeout=REPLY_TIMEOUT,
+                             retry=False)
     try:
         yield client, Keys(config.redis.key_prefix)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise CliError(
-            f"Redis at {config_mod.mask_url(url)} unreachable: {reason(exc)}", UNREACHABLE
-        ) from None
+    except Exception as exc:
+        if not redisio.is_outage(exc) and not isinstance(exc, redis.exceptions.RedisClusterException):
+            raise
+        raise CliError(f"{redisio.describe(config.redis)} unreachable: {reason(exc)}", UNREACHABLE) from None
     finally:
         await client.aclose()
 

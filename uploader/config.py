@@ -28,6 +28,8 @@ from uploader.storeconfig import read_store
 SkipExisting = Literal["never", "same-size", "same-checksum"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+RedisMode = Literal["standalone", "cluster", "sentinel"]
+REDIS_MODES: tuple[str, ...] = get_args(RedisMode)
 
 TUBE_NAME = re.compile(r"^[A-Za-z0-9+/;.$_()][A-Za-z0-9+/;.$_()-]{0,199}\Z")
 KEY_FIELDS = frozenset({"job_id", "relpath", "name", "index"})
@@ -51,12 +53,16 @@ class SourceConfig:
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
+    mode: RedisMode = "standalone"
     url: str = "redis://127.0.0.1:6379/0"
+    sentinels: tuple[str, ...] = ()
+    service: str = "mymaster"
     key_prefix: str = "uploader:"
     page_size: int = 500
     flush_interval: float = 0.1
     flush_batch: int = 500
     progress_ttl: int = 7 * 24 * 3600
+    files_ttl: int = 0  # 0 keeps a finished job's files list: it is the producer's
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,21 +202,37 @@ def _tubes(table: Table, default: tuple[Tube, ...]) -> tuple[Tube, ...]:
     return tuple(tubes)
 
 
+def _redis_url(table: Table, mode: RedisMode, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise table.fail("url", f"must be a redis://, rediss:// or unix:// URL, got {show(mask_url(url))}")
+    if mode != "standalone" and parts.scheme == "unix":
+        raise table.fail("url", f"must be redis:// or rediss:// in {mode} mode, got {show(mask_url(url))}")
+    if mode == "cluster" and parts.path.strip("/") not in ("", "0"):
+        raise table.fail("url", f"a Redis Cluster has only database 0, got {show(mask_url(url))}")
+    return url
+
+
 def _redis(table: Table) -> RedisConfig:
     d = RedisConfig()
-    url = table.get("url", str, d.url)
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise table.fail("url", f"must be a redis://, rediss:// or unix:// URL, got {show(mask_url(url))}")
+    mode = cast(RedisMode, table.choice("mode", REDIS_MODES, d.mode))
+    url = _redis_url(table, mode, table.get("url", str, d.url))
+    sentinels = tuple(_address(table, "sentinels", a) for a in table.strings("sentinels", d.sentinels))
+    if mode == "sentinel" and not sentinels:
+        raise table.fail("sentinels", "must name at least one sentinel (host:port) in sentinel mode")
+    service = table.get("service", str, d.service)
+    if not service:
+        raise table.fail("service", "must name the monitored master")
     prefix = table.get("key_prefix", str, d.key_prefix)
     if any(c in prefix for c in "{} \t\r\n"):
         raise table.fail("key_prefix", f"must not contain braces or spaces, got {show(prefix)}")
     return RedisConfig(
-        url=url,
-        key_prefix=prefix,
+        mode=mode, url=url, sentinels=sentinels, service=service, key_prefix=prefix,
         page_size=table.number("page_size", int, d.page_size, 1, 100_000),
         flush_interval=table.number("flush_interval", float, d.flush_interval, 0.001, 60),
         flush_batch=table.number("flush_batch", int, d.flush_batch, 1, 100_000),
         progress_ttl=table.number("progress_ttl", int, d.progress_ttl, 1, 10 * 365 * 86400),
+        files_ttl=table.number("files_ttl", int, d.files_ttl, 0, 10 * 365 * 86400),
     )
 
 

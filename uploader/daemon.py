@@ -16,7 +16,6 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
-import redis.asyncio as aioredis
 import structlog
 
 from uploader import config as config_mod
@@ -54,10 +53,10 @@ class Daemon:
         self.force = asyncio.Event()
         self.ready = False
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.redis = redisio.connect(config.redis.url)
+        self.redis = redisio.connect(config.redis)
         # Short timeouts for probes and the HTTP API: an outage answers fast, never hangs.
-        self.probe_redis = aioredis.Redis.from_url(
-            config.redis.url, socket_connect_timeout=web.PROBE_TIMEOUT, socket_timeout=web.PROBE_TIMEOUT
+        self.probe_redis = redisio.connect(
+            config.redis, connect_timeout=web.PROBE_TIMEOUT, reply_timeout=web.PROBE_TIMEOUT
         )
         self.keys = redisio.Keys(config.redis.key_prefix)
         self.progress = Progress(self.redis, self.keys, config.redis, self.worker)

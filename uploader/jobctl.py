@@ -126,16 +126,10 @@ async def _write_job(redis: Redis, keys: Keys, job_id: str, entries: list[str]) 
     """The new files list and a fresh progress hash, with every trace of a previous run removed,
     so `--wait` can never report the old run and the daemon runs the new list afresh."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.delete(
-            keys.files(job_id),
-            keys.job(job_id),
-            keys.failed(job_id),
-            keys.marks(job_id),
-            keys.applied(job_id),
-            keys.failing(job_id),
-            keys.walk(job_id),
-            keys.cancel(job_id),
-        )
+        # One key per DEL: on a cluster they live in different slots.
+        for key in (keys.files(job_id), keys.job(job_id), keys.failed(job_id), keys.cancel(job_id),
+                    *keys.internal(job_id), *keys.legacy(job_id)):
+            pipe.delete(key)
         for i in range(0, len(entries), 1000):
             pipe.rpush(keys.files(job_id), *entries[i : i + 1000])
         pipe.hset(
@@ -152,7 +146,8 @@ async def _put_or_undo(
     try:
         await within(conn, conn.put(job_id.encode(), priority=priority, ttr=ttr))
     except BaseException:
-        await redis.delete(keys.files(job_id), keys.job(job_id))
+        for key in (keys.files(job_id), keys.job(job_id)):
+            await redis.delete(key)
         raise
 
 

@@ -18,19 +18,19 @@ from typing import Literal, cast
 import redis.asyncio as aioredis
 import structlog
 
+from uploader.cancelflags import CancelFlags
 from uploader.clock import SYSTEM, Time
 from uploader.errors import BadJobError
 from uploader.health import Health
 from uploader.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
 from uploader.progress import Counts, Delivery, Progress, State
-from uploader.redisio import Keys, until_done
+from uploader.redisio import Keys
 from uploader.ring import Ring
 from uploader.source import HeldJob, ReservationLost, Source
 from uploader.tally import Tally
 
 log = structlog.get_logger("uploader.jobs")
 
-CANCEL_POLL = 1.0  # seconds between checks of a job's cancel key
 DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
 
 Stop = Literal["cancelled", "lost", "draining", "paused"]
@@ -150,6 +150,10 @@ class Jobs:
     wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # the ring may have files
     runs: dict[str, JobRun] = field(init=False, default_factory=dict)
     draining: bool = field(init=False, default=False)
+    cancels: CancelFlags = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cancels = CancelFlags(self.redis, self.keys, self.time)
 
     # --- admission ---
 
@@ -184,6 +188,7 @@ class Jobs:
                 self.tally.buried()
         finally:
             del self.runs[run.id]
+            self.progress.forget(run.id)
             self.tally.metrics.active_jobs.dec()
 
     async def _admit(self, held: HeldJob) -> JobSpec | None:
@@ -245,13 +250,17 @@ class Jobs:
         held = run.held
         delivery = Delivery(held.address, held.id, held.put_at, held.tube)
         try:
-            run.total = await run.manifest.length()
-        except BadJobError as exc:
-            await self.progress.fail_unreadable(run.id, delivery, str(exc))
-            log.error("job_failed", reason=str(exc))
-            run.loaded = True
+            try:
+                run.total = await run.manifest.length()
+            except BadJobError as exc:
+                await self.progress.fail_unreadable(run.id, delivery, str(exc))
+                log.error("job_failed", reason=str(exc))
+                run.loaded = True
+                return False
+            mode = await self.progress.start(run.id, run.total, delivery)
+        except BadJobError as exc:  # a key of the job's own slot that holds something else
+            await self._refuse(run.held, exc)
             return False
-        mode = await self.progress.start(run.id, run.total, delivery)
         if mode == "cancelled":
             run.loaded = True
             run.stop("cancelled")
@@ -288,7 +297,7 @@ class Jobs:
             return
         seconds = self.time.monotonic() - run.started
         c = run.counts
-        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled)
+        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, total=run.total)
         await self.completions.announce(message)
         state = cast(State, message["state"])
         await self.source.settle(run.held, "bury" if state == "failed" else "delete")
@@ -308,10 +317,7 @@ class Jobs:
             run.stop("lost")
 
     async def _watch_cancel(self, run: JobRun) -> None:
-        """Producers cancel by SET-ting a key, so this polls Redis: one EXISTS per job a second."""
-        key = self.keys.cancel(run.id)
-        while not await until_done(lambda: self.redis.exists(key), "exists"):
-            await self.time.sleep(CANCEL_POLL)
+        await self.cancels.wait(run.id)
         log.info("job_cancel_requested")
         run.stop("cancelled")
 

@@ -1,14 +1,16 @@
 """Per-job progress in Redis, written in batches: counters, resume marks and failure reasons.
 
-A file's outcome is buffered and reaches Redis in one transaction with many others, every
-`flush_interval` or `flush_batch` outcomes, so the hot path never waits on a round trip.
-What a crash loses is uploaded again (at least once, never zero times).
+A file's outcome is buffered and reaches Redis in one pipeline with many others (a script per
+job, per node on a cluster), every `flush_interval` or `flush_batch` outcomes, so the hot path
+never waits on a round trip. What a crash loses is uploaded again (at least once, never zero
+times).
 
 Counters are exact by construction: an entry counts only when its resume mark goes from unset
-to set, decided in the same script that sets it. So a batch sent again (its reply was lost),
-or two runs of one job at once (a reservation lost unnoticed, a TTR that ran out), can upload
-a file twice but never count it twice. A failure counts once per entry, and is taken back if
-another run then uploads the entry.
+to set, decided in the same script that sets it (see progresslua.APPLY). So a batch sent again
+(its reply was lost), or two runs of one job at once (a reservation lost unnoticed, a TTR that
+ran out), can upload a file twice but never count it twice. A failure counts once per entry,
+and is taken back if another run then uploads the entry. A failover that loses acknowledged
+writes is made good by the final write, from what the run keeps in memory (`Ledger`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import functools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -30,7 +33,8 @@ from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
 from uploader.errors import BadJobError
-from uploader.redisio import Keys, text, until_done
+from uploader.progresslua import APPLY, FINISH, START, Batch, Ledger, Lua
+from uploader.redisio import Keys, is_cluster, text, until_done
 
 log = structlog.get_logger("uploader.progress")
 
@@ -42,92 +46,13 @@ FAILED_JOBS = 10_000  # failed jobs kept for `uploader failed` and `retry`
 COMPLETION_COUNTS = ("total", "uploaded", "skipped", "failed", "bytes")  # in completion messages
 LIST_LABEL = "<files list>"  # where a job-level failure's reason is kept in the failed hash
 
-# KEYS: the job's hash, marks, failed entries (index -> label), failed reasons (label -> why).
-# ARGV: now, then four per outcome: index, kind ('u'ploaded, 's'kipped, 'f'ailed), then bytes
-# and '' for a success, or label and reason for a failure.
-_APPLY = """
-local h, marks, failing, reasons = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local up, sk, fl, by = 0, 0, 0, 0
-local any_failing = redis.call('EXISTS', failing) == 1
-for i = 2, #ARGV, 4 do
-  local index, kind = tonumber(ARGV[i]), ARGV[i + 1]
-  if kind == 'f' then
-    if redis.call('GETBIT', marks, index) == 0 then
-      redis.call('HSET', reasons, ARGV[i + 2], ARGV[i + 3])
-      if redis.call('HSETNX', failing, index, ARGV[i + 2]) == 1 then
-        fl = fl + 1
-        any_failing = true
-      end
-    end
-  elseif redis.call('SETBIT', marks, index, 1) == 0 then
-    if kind == 'u' then
-      up = up + 1
-      by = by + tonumber(ARGV[i + 2])
-    else
-      sk = sk + 1
-    end
-    local label = any_failing and redis.call('HGET', failing, index)
-    if label then
-      redis.call('HDEL', failing, index)
-      redis.call('HDEL', reasons, label)
-      fl = fl - 1
-    end
-  end
-end
-local names, counts = {'uploaded', 'skipped', 'failed', 'bytes'}, {up, sk, fl, by}
-for i = 1, 4 do
-  if counts[i] ~= 0 then redis.call('HINCRBY', h, names[i], counts[i]) end
-end
-redis.call('HSET', h, 'updated_at', ARGV[1])
-"""
-
 # Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
 # whole seconds, and each daemon reads it with its own clock.
 SAME_DELIVERY_SLACK = 5
 # Seconds since another worker's last progress write within which its run may still be alive.
 OVERLAP_WINDOW = 30
-
-# KEYS: the job's hash, marks, applied batches (older versions), failed reasons, directory walk
-# digests, failed entries.
-# ARGV: worker, now, total ('' if unknown), beanstalkd address, job id, put time, tube, slack,
-# overlap window. Returns {mode, overlap}: mode 'fresh' (a new run of a finished job's ID),
-# 'resume', or 'cancelled' (the same delivery of a run that was cancelled: it stays so);
-# overlap '' or "worker seconds" when another worker's run wrote progress that recently.
-_START = """
-local h = KEYS[1]
-local mode = 'resume'
-if redis.call('HEXISTS', h, 'finished_at') == 1 then
-  local was = redis.call('HMGET', h, 'beanstalkd', 'beanstalk_job', 'put_at', 'state')
-  local put = tonumber(was[3] or '')
-  local same = ARGV[4] ~= '' and was[1] == ARGV[4] and was[2] == ARGV[5] and put ~= nil
-    and math.abs(put - tonumber(ARGV[6])) <= tonumber(ARGV[8])
-  if not same then
-    mode = 'fresh'
-  elseif was[4] == 'cancelled' then
-    return {'cancelled', ''}
-  end
-end
-if mode == 'fresh' then
-  redis.call('DEL', h, KEYS[2], KEYS[3], KEYS[5])
-end
-local other, seen = redis.call('HGET', h, 'worker'), tonumber(redis.call('HGET', h, 'updated_at') or '')
-local overlap = ''
-if mode == 'resume' and redis.call('HGET', h, 'state') == 'running' and other and other ~= ARGV[1]
-    and seen and tonumber(ARGV[2]) - seen <= tonumber(ARGV[9]) then
-  overlap = other .. ' ' .. (tonumber(ARGV[2]) - seen)
-end
-redis.call('HSET', h, 'state', 'running', 'worker', ARGV[1], 'updated_at', ARGV[2], 'failed', 0)
-if ARGV[3] ~= '' then redis.call('HSET', h, 'total', ARGV[3]) end
-if ARGV[4] ~= '' then
-  redis.call('HSET', h, 'beanstalkd', ARGV[4], 'beanstalk_job', ARGV[5], 'put_at', ARGV[6], 'tube', ARGV[7])
-end
-for _, name in ipairs({'uploaded', 'skipped', 'bytes'}) do redis.call('HSETNX', h, name, 0) end
-redis.call('HSETNX', h, 'started_at', ARGV[2])
-redis.call('HDEL', h, 'finished_at')
-redis.call('DEL', KEYS[4], KEYS[6])
-for i = 1, 3 do redis.call('PERSIST', KEYS[i]) end
-return {mode, overlap}
-"""
+# How long the final write waits for a replica to acknowledge it (Sentinel mode).
+REPLICA_WAIT_MS = 2000
 
 Start = Literal["fresh", "resume", "cancelled"]
 
@@ -169,12 +94,12 @@ class Progress:
         self._keys = keys
         self._config = config
         self._worker = worker
-        self._apply = redis.register_script(_APPLY)
-        self._start_script = redis.register_script(_START)
-        # Per job, four script arguments per outcome (see _APPLY); a batch stays in `_unsent`
-        # until Redis acknowledges it, and sending it again counts nothing twice.
-        self._unsent: list[dict[str, list[EncodableT]]] = []
-        self._pending: dict[str, list[EncodableT]] = defaultdict(list)
+        self._legacy = not is_cluster(redis)  # where pre-0.5 key names can still be found
+        # A batch stays in `_unsent` until Redis acknowledges it; sending it again counts
+        # nothing twice. What each running job settled stays in its ledger until it finishes.
+        self._unsent: list[dict[str, Batch]] = []
+        self._pending: dict[str, Batch] = defaultdict(Batch)
+        self._ledgers: dict[str, Ledger] = {}
         self._buffered = 0
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -184,13 +109,25 @@ class Progress:
         self, job_id: str, index: int, outcome: Outcome, nbytes: int = 0, label: str = "", reason: str = ""
     ) -> None:
         """Buffer one file's outcome; failed files are not marked, so a re-run retries them."""
+        batch = self._pending[job_id]
+        ledger = self._ledgers.get(job_id)
         if outcome == "failed":
-            self._pending[job_id] += (index, "f", label, reason[:MAX_REASON].replace("\n", " "))
+            reason = reason[:MAX_REASON].replace("\n", " ")
+            batch.failures += (index, label, reason)
+            if ledger is not None:
+                ledger.failures[index] = (label, reason)
         else:
-            self._pending[job_id] += (index, outcome[0], nbytes, "")
+            size = nbytes if outcome == "uploaded" else -1
+            batch.successes.append(f"{index} {size}")
+            if ledger is not None:
+                ledger.success(index, size)
         self._buffered += 1
         if self._buffered >= self._config.flush_batch:
             self._full.set()
+
+    def forget(self, job_id: str) -> None:
+        """The run is over without a final write (released, lost): its ledger goes."""
+        self._ledgers.pop(job_id, None)
 
     async def run(self) -> None:
         """Flush every interval, or sooner when the buffer is full, until `stop()`.
@@ -206,7 +143,7 @@ class Progress:
     @property
     def unsaved(self) -> int:
         """Outcomes not yet acknowledged by Redis."""
-        return self._buffered + sum(len(args) // 4 for batch in self._unsent for args in batch.values())
+        return self._buffered + sum(len(b) for batch in self._unsent for b in batch.values())
 
     def stop(self) -> None:
         self._stopping = True
@@ -219,49 +156,66 @@ class Progress:
             if self._pending:
                 self._full.clear()
                 self._unsent.append(self._pending)
-                self._pending = defaultdict(list)
+                self._pending = defaultdict(Batch)
                 self._buffered = 0
             while self._unsent:
                 try:
                     await until_done(functools.partial(self._write, self._unsent[0]), "flush progress")
                 except redis.exceptions.ResponseError as exc:
-                    # A key of another type (see check_keys): the transaction applied all the
-                    # rest; sending it again would fail the same way.
+                    # A key of another type (see start): the rest of the batch is applied;
+                    # sending it again would fail the same way.
                     log.error("progress_write_refused", error=str(exc))
                 self._unsent.pop(0)
 
-    async def _write(self, batch: dict[str, list[EncodableT]]) -> None:
+    async def _write(self, batch: dict[str, Batch]) -> list[int]:
+        """Apply each job's outcomes (one script per job, pipelined, per node on a cluster),
+        then bring the failed reasons in line; returns each job's failed count."""
         now = int(time.time())
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for job_id, args in batch.items():
-                k = self._keys
-                keys = [k.job(job_id), k.marks(job_id), k.failing(job_id), k.failed(job_id)]
-                await self._apply(keys=keys, args=[now, *args], client=pipe)
-            await pipe.execute()
+        jobs = list(batch.items())
+
+        replies = await self._scripted(lambda pipe: [
+            _APPLY(pipe, self._apply_keys(job_id), outcomes.args(now)) for job_id, outcomes in jobs
+        ])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (job_id, outcomes), (taken, recorded, _) in zip(jobs, replies, strict=True):
+                if reasons := outcomes.reasons(recorded):
+                    pipe.hset(self._keys.failed(job_id), mapping=reasons)  # type: ignore[arg-type]
+                if taken:
+                    pipe.hdel(self._keys.failed(job_id), *taken)
+            if len(pipe):
+                await pipe.execute()
+        return [int(failed) for _, _, failed in replies]
+
+    async def _scripted(self, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """Run a pipeline of script calls; on NOSCRIPT load the scripts and run it again."""
+        for attempt in (1, 2):
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    queue(pipe)
+                    replies: list[Any] = await pipe.execute()
+                    return replies
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in (_APPLY, _START, _FINISH):
+                    await script.load(self._redis)
+        raise AssertionError("unreachable")
+
+    def _apply_keys(self, job_id: str) -> list[str]:
+        k = self._keys
+        return [k.job(job_id), k.marks(job_id), k.failing(job_id)]
+
+    def _script_keys(self, job_id: str) -> list[str]:
+        """The job's hash and internal keys, as START and FINISH take them."""
+        return [self._keys.job(job_id), *self._keys.internal(job_id)]
 
     async def check_keys(self, job_id: str) -> None:
-        """Refuse a job whose progress keys hold something else (a producer's mistake): every
-        write to them would fail, so nothing could be recorded."""
-        expected = {
-            self._keys.job(job_id): "hash",
-            self._keys.failed(job_id): "hash",
-            self._keys.applied(job_id): "hash",
-            self._keys.failing(job_id): "hash",
-            self._keys.marks(job_id): "string",
-        }
-
-        async def call() -> list[object]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in expected:
-                    pipe.type(key)
-                result: list[object] = await pipe.execute()
-                return result
-
-        for (key, kind), found in zip(expected.items(), await until_done(call, "check keys"), strict=True):
-            found_kind = text(found) if isinstance(found, bytes | str) else str(found)
-            if found_kind not in ("none", kind):
-                raise BadJobError(f"{key} is a Redis {found_kind}, where the daemon keeps this job's "
-                                  "progress: delete it or use another job ID")
+        """Refuse a job whose failed reasons key holds something else (a producer's mistake):
+        every write to it would fail. START checks the keys of the job's own slot."""
+        key = self._keys.failed(job_id)
+        found = text(await until_done(lambda: self._redis.type(key), "check keys"))
+        if found not in ("none", "hash"):
+            raise BadJobError(_wrong_type(key, found))
 
     async def start(self, job_id: str, total: int | None, delivery: Delivery | None = None) -> Start:
         """Mark a job running, in one script that also decides whose run this is.
@@ -276,19 +230,18 @@ class Progress:
         who = ("", "", "", "") if delivery is None else (
             delivery.address, str(delivery.job), str(int(delivery.put_at)), delivery.tube
         )
-        keys = [
-            self._keys.job(job_id),
-            self._keys.marks(job_id),
-            self._keys.applied(job_id),
-            self._keys.failed(job_id),
-            self._keys.walk(job_id),
-            self._keys.failing(job_id),
-        ]
+        keys = self._script_keys(job_id) + (list(self._keys.legacy(job_id)) if self._legacy else [])
         args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK, OVERLAP_WINDOW]
-        reply = await until_done(lambda: self._start_script(keys=keys, args=args), "start job")
-        mode, overlap = (text(part) for part in reply)
-        if overlap:
-            # Counters stay exact (see _APPLY); the log says why files may be uploaded twice.
+        reply, _ = await until_done(lambda: self._scripted(lambda pipe: [
+            _START(pipe, keys, args),
+            pipe.delete(self._keys.failed(job_id)),
+        ]), "start job")
+        mode, *rest = (text(part) for part in reply)
+        if mode == "badkey":
+            raise BadJobError(_wrong_type(*rest))
+        self._ledgers[job_id] = Ledger()
+        if overlap := rest[0]:
+            # Counters stay exact (see APPLY); the log says why files may be uploaded twice.
             other, seconds = overlap.rsplit(" ", 1)
             log.warning("job_run_overlap", job_id=job_id, other_worker=other, seconds_since=int(seconds),
                         reason="another worker's run of this job wrote progress moments ago")
@@ -318,52 +271,79 @@ class Progress:
         await self.start(job_id, 0, delivery)
         await self.fail_list(job_id, reason)
 
-    async def finish(self, job_id: str, seconds: float, *, cancelled: bool = False) -> dict[str, object]:
-        """Flush, decide and settle the final state, start the expiry clock; return the
+    # --- the final write ---
+
+    async def finish(
+        self, job_id: str, seconds: float, *, cancelled: bool = False, total: int | None = None
+    ) -> dict[str, object]:
+        """Flush, decide and settle the final state, start the expiry clocks; return the
         completion message. The verdict is Redis's, not this run's: another run of the job
-        may have uploaded a file this one failed."""
+        may have uploaded a file this one failed.
+
+        The whole write is idempotent and runs again, from the ledger, after any outage on
+        the way: so what a failover took (acknowledged, never replicated) is written again,
+        and in Sentinel mode a replica has the result before the job is settled."""
         await self.flush()
-        state: State = "cancelled" if cancelled else await self._verdict(job_id)
-        key = self._keys.job(job_id)
-        ttl = self._config.progress_ttl
-        now = int(time.time())
-
-        async def call() -> list[object]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hset(key, mapping={"state": state, "finished_at": now, "updated_at": now})
-                pipe.hgetall(key)
-                for k in (
-                    key,
-                    self._keys.failed(job_id),
-                    self._keys.marks(job_id),
-                    self._keys.applied(job_id),
-                    self._keys.walk(job_id),
-                    self._keys.failing(job_id),
-                ):
-                    pipe.expire(k, ttl)
-                # The flag was for this run, whether it saw it or not: never for a later one.
-                pipe.delete(self._keys.cancel(job_id))
-                self._index(pipe, job_id, state, now)
-                result: list[object] = await pipe.execute()
-                return result
-
-        stored = (await until_done(call, "finish job"))[1]
-        assert isinstance(stored, dict)
+        ledger = self._ledgers.pop(job_id, None) or Ledger()
+        stored = await until_done(lambda: self._final(job_id, ledger, cancelled, total), "finish job")
         counts = {name: int(stored.get(name.encode(), 0)) for name in COMPLETION_COUNTS}
-        return {"id": job_id, "state": state, **counts, "seconds": round(seconds, 3)}
+        return {"id": job_id, "state": text(stored[b"state"]), **counts, "seconds": round(seconds, 3)}
 
-    async def _verdict(self, job_id: str) -> State:
-        """Failed when a file counts as failed, or the list itself could not be read."""
+    async def _final(
+        self, job_id: str, ledger: Ledger, cancelled: bool, total: int | None
+    ) -> dict[bytes, bytes]:
+        k = self._keys
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(k.marks(job_id))
+            pipe.hget(k.job(job_id), "failed")
+            pipe.hget(k.failed(job_id), LIST_LABEL)
+            pipe.exists(k.failed(job_id))
+            bitmap, failed, list_reason, had_reasons = await pipe.execute()
+        if missing := ledger.missing(bitmap or b""):
+            (failed,) = await self._write({job_id: missing})
+        state: State = "cancelled" if cancelled else (
+            "failed" if int(failed or 0) > 0 or list_reason is not None else "done"
+        )
+        ttl, now = self._config.progress_ttl, int(time.time())
+        args: list[EncodableT] = [state, now, ttl, "" if total is None else total]
+        stored, failing = (await self._scripted(lambda pipe: self._settle(pipe, job_id, state, args)))[0]
+        if failing or had_reasons:
+            await self._rebuild_reasons(job_id, failing, list_reason)
+        if self._config.mode == "sentinel":
+            await self._replicated(job_id)
+        return dict(zip(stored[0::2], stored[1::2], strict=True))
 
-        async def call() -> list[object]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hget(self._keys.job(job_id), "failed")
-                pipe.hexists(self._keys.failed(job_id), LIST_LABEL)
-                result: list[object] = await pipe.execute()
-                return result
+    def _settle(self, pipe: Pipeline, job_id: str, state: State, args: list[EncodableT]) -> None:
+        k = self._keys
+        _FINISH(pipe, self._script_keys(job_id), args)
+        pipe.expire(k.failed(job_id), self._config.progress_ttl)
+        # The flag was for this run, whether it saw it or not: never for a later one.
+        pipe.delete(k.cancel(job_id))
+        if self._config.files_ttl:
+            pipe.expire(k.files(job_id), self._config.files_ttl)
+        self._index(pipe, job_id, state, cast(int, args[1]))
 
-        failed, unreadable = await until_done(call, "read verdict")
-        return "failed" if int(failed or 0) > 0 or unreadable else "done"  # type: ignore[call-overload]
+    async def _rebuild_reasons(self, job_id: str, failing: list[bytes], list_reason: bytes | None) -> None:
+        """The failed hash made exactly the failing entries' reasons (and the list's own):
+        written beside the script, it can miss a change when runs overlap or a write is lost."""
+        reasons = dict(value.split(b"\0", 1) for value in failing)
+        if list_reason is not None:
+            reasons[LIST_LABEL.encode()] = list_reason
+        key = self._keys.failed(job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if reasons:
+                pipe.hset(key, mapping=reasons)  # type: ignore[arg-type]
+                pipe.expire(key, self._config.progress_ttl)
+            await pipe.execute()
+
+    async def _replicated(self, job_id: str) -> None:
+        """Wait until a replica has the final write, so a failover now cannot take it back.
+        A replica that does not answer in time is logged, not waited for forever."""
+        copies = await self._redis.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
+        if not copies:
+            log.warning("finish_not_replicated", job_id=job_id, waited_ms=REPLICA_WAIT_MS,
+                        reason="no replica acknowledged the final write; a failover now may lose it")
 
     def _index(self, pipe: Pipeline, job_id: str, state: State, now: int) -> None:
         """Keep the bounded lists of finished and failed jobs that operators read (`/jobs`,
@@ -383,3 +363,11 @@ class Progress:
     async def publish(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":"))
         await until_done(lambda: self._redis.publish(self._keys.events, payload), "publish")
+
+
+def _wrong_type(key: str, found: str) -> str:
+    return (f"{key} is a Redis {found}, where the daemon keeps this job's progress: "
+            "delete it or use another job ID")
+
+
+_APPLY, _START, _FINISH = Lua(APPLY), Lua(START), Lua(FINISH)

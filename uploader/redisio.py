@@ -1,33 +1,65 @@
-"""Redis key names of the producer contract, and waiting out Redis outages."""
+"""Redis: the client for the configured mode, the key names, and waiting out outages.
+
+One client type for the rest of the daemon: standalone, Sentinel (the master the sentinels
+name, followed through failovers) and Cluster (every node discovered from one, MOVED and ASK
+followed by redis-py) all answer the same commands. What the daemon writes together in one
+script or transaction lives in one hash slot: a job's internal keys carry the job's hash key
+as a hash tag, so `{uploader:job:ID}:done` shares the slot of `uploader:job:ID`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
+from uploader.config import RedisConfig, mask_url
 from uploader.retry import backoff_delays
 
 T = TypeVar("T")
 log = structlog.get_logger("uploader.redis")
 
-# Errors that mean "Redis is not reachable right now", never "this job is bad".
+# Errors that mean "Redis cannot serve this right now", never "this job is bad": down, loading,
+# a replica or a demoted master (READONLY), a failover or resharding in progress, full (OOM).
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.AskError,
+    redis.exceptions.SlotNotCoveredError,
     OSError,
 )
+# Error replies redis-py has no class for that are outages too: a failing disk refusing writes,
+# too few replicas for min-replicas-to-write, a script running past its time limit.
+OUTAGE_REPLIES = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
+                  "MASTERDOWN", "OOM")
+
+
+def is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, OUTAGE_ERRORS):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).split(" ", 1)[0] in OUTAGE_REPLIES
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
+    """Key names. The producer's (the job's hash, files, failed reasons, cancel flag, events)
+    never change; the daemon's own keys of a job carry the job's hash key as a hash tag."""
+
     prefix: str = "uploader:"
 
     def job(self, job_id: str) -> str:
@@ -39,25 +71,32 @@ class Keys:
     def failed(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}:failed"
 
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}:cancel"
+
     def marks(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:done"
+        """The resume marks: bit N set once entry N is uploaded or found present."""
+        return f"{{{self.prefix}job:{job_id}}}:done"
 
     def walk(self, job_id: str) -> str:
         """Digests of a directory entry's walked chunks: marks apply only to an unchanged walk."""
-        return f"{self.prefix}job:{job_id}:walk"
-
-    def applied(self, job_id: str) -> str:
-        """Which progress batches each writer had applied: written by earlier versions only,
-        still deleted and expired with the rest."""
-        return f"{self.prefix}job:{job_id}:applied"
+        return f"{{{self.prefix}job:{job_id}}}:walk"
 
     def failing(self, job_id: str) -> str:
-        """The entries counted as failed, index -> label: a failure counts once per entry, and
-        is taken back when another run uploads the entry."""
-        return f"{self.prefix}job:{job_id}:failing"
+        """The entries counted as failed, index -> label NUL reason: a failure counts once per
+        entry, is taken back when another run uploads the entry, and the failed hash is
+        rebuilt from it when the job finishes."""
+        return f"{{{self.prefix}job:{job_id}}}:failing"
 
-    def cancel(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:cancel"
+    def internal(self, job_id: str) -> tuple[str, ...]:
+        """The daemon's own keys of a job, all in the slot of its hash."""
+        return self.marks(job_id), self.walk(job_id), self.failing(job_id)
+
+    def legacy(self, job_id: str) -> tuple[str, ...]:
+        """Names versions before 0.5 used for `internal` (same order), then the `applied` hash
+        they wrote: renamed on a job's next start (see progress._START), deleted by `enqueue`."""
+        p = f"{self.prefix}job:{job_id}"
+        return f"{p}:done", f"{p}:walk", f"{p}:failing", f"{p}:applied"
 
     @property
     def events(self) -> str:
@@ -74,14 +113,66 @@ class Keys:
         return f"{self.prefix}jobs:finished"
 
 
-def connect(url: str, decode: bool = False) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=30,
-        decode_responses=decode,
-    )
+def connect(
+    config: RedisConfig,
+    *,
+    connect_timeout: float = 5.0,
+    reply_timeout: float = 30.0,
+    retry: bool = True,
+    decode: bool = False,
+) -> aioredis.Redis:
+    """A client for the configured mode. The cluster client is typed as the standalone one:
+    it answers the same commands, and what it cannot (a transaction across slots) the daemon
+    never sends."""
+    common: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": reply_timeout,
+        "decode_responses": decode,
+    }
+    if not retry:
+        common["retry"] = Retry(NoBackoff(), 0)
+    if config.mode == "cluster":
+        return cast(aioredis.Redis, RedisCluster.from_url(config.url, **common))
+    if config.mode == "sentinel":
+        return _sentinel_master(config, common)
+    return aioredis.Redis.from_url(config.url, health_check_interval=30, **common)
+
+
+class _SentinelMaster(aioredis.Redis):
+    """The master's client, which also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for client in getattr(manager, "sentinels", ()):
+            await client.aclose()
+
+
+def _sentinel_master(config: RedisConfig, common: dict[str, Any]) -> aioredis.Redis:
+    """db, username, password and TLS come from the URL; the address from the sentinels."""
+    kwargs: dict[str, Any] = dict(parse_url(config.url))
+    for name in ("host", "port", "connection_class"):
+        kwargs.pop(name, None)
+    if config.url.startswith("rediss:"):
+        kwargs["ssl"] = True
+    sentinels = [(host, int(port)) for host, port in (a.rsplit(":", 1) for a in config.sentinels)]
+    sentinel_kwargs = {k: common[k] for k in ("socket_connect_timeout", "socket_timeout")}
+    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common, **kwargs)  # type: ignore[no-untyped-call]
+    return cast(aioredis.Redis, manager.master_for(config.service, redis_class=_SentinelMaster))
+
+
+def describe(config: RedisConfig) -> str:
+    """Which Redis, for a message: the password never shown."""
+    url = mask_url(config.url)
+    if config.mode == "cluster":
+        return f"Redis Cluster at {url}"
+    if config.mode == "sentinel":
+        return f"Redis master {config.service!r} via sentinels {', '.join(config.sentinels)}"
+    return f"Redis at {url}"
+
+
+def is_cluster(client: aioredis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 async def until_done(call: Callable[[], Awaitable[T]], what: str) -> T:
@@ -97,7 +188,9 @@ async def until_done(call: Callable[[], Awaitable[T]], what: str) -> T:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             return result
-        except OUTAGE_ERRORS as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             failures += 1
             delay = next(delays)
             if failures == 1 or failures % 20 == 0:
