@@ -7,7 +7,7 @@ prefix and bucket.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from moto.server import ThreadedMotoServer
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import CREDS, REGION, Daemons, Env, OpenFile
-from uploader import devservers
+from uploader import devredis, devservers
+from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
 from uploader.files import Root, SourceFile, locate, open_source
 
@@ -35,6 +36,40 @@ def redis_server() -> Iterator[Server]:
     server = devservers.redis().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """Three cluster masters sharing the 16384 slots (`uploader/devredis.py`). Shared: tests may
+    move slots, so look up a key's node (`node_for`) rather than assume the initial layout."""
+    cluster = devredis.redis_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A master, a replica and three sentinels (quorum 2). Shared: never kill its master;
+    take `fresh_sentinel` for that."""
+    deployment = devredis.redis_sentinel(sentinels=3)
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def fresh_sentinel() -> Iterator[Callable[..., RedisSentinel]]:
+    """A factory of private sentinel deployments, for tests that kill a master: each call
+    takes `redis_sentinel()`'s arguments; all are stopped when the test ends."""
+    started: list[RedisSentinel] = []
+
+    def make(sentinels: int = 3, down_after_ms: int = 1500) -> RedisSentinel:
+        deployment = RedisSentinel(sentinels, down_after_ms)
+        started.append(deployment)  # before start(): a failed start is stopped too
+        return deployment.start()
+
+    yield make
+    for deployment in started:
+        deployment.stop()
 
 
 @pytest.fixture(scope="session")
