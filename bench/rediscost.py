@@ -306,6 +306,7 @@ def redis_delta(before: Info, after: Info) -> dict[str, Any]:
     net_in, net_out = diff("total_net_input_bytes"), diff("total_net_output_bytes")
     return {
         "calls": dict(calls.most_common()),
+        "usec": {k: v for k, v in sorted(usec.items(), key=lambda kv: -kv[1]) if v > 0 and k != "info"},
         "commands": sum(calls.values()),
         "rejected": sum(after.rejected.values()) - sum(before.rejected.values()),
         "usec_in_commands": sum(usec.values()) - own_usec,

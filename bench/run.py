@@ -650,6 +650,7 @@ class Bench:
             "redis_cpu_us_per_file": per_file(d["cpu_s"], 1e6),
             "redis_cpu_main_us_per_file": per_file(d["cpu_main_s"], 1e6),
             "redis_usec_in_commands": d["usec_in_commands"],
+            "redis_usec": d["usec"],
             "net_in": d["net_in"],
             "net_out": d["net_out"],
             "net_in_per_file": per_file(d["net_in"]),

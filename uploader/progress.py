@@ -33,7 +33,7 @@ from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
 from uploader.errors import BadJobError
-from uploader.progresslua import APPLY, FINISH, START, Batch, Ledger, Lua
+from uploader.progresslua import APPLY, FINISH, REASONS, START, Batch, Ledger, Lua
 from uploader.redisio import Keys, is_cluster, text, until_done
 
 log = structlog.get_logger("uploader.progress")
@@ -51,6 +51,10 @@ LIST_LABEL = "<files list>"  # where a job-level failure's reason is kept in the
 SAME_DELIVERY_SLACK = 5
 # Seconds since another worker's last progress write within which its run may still be alive.
 OVERLAP_WINDOW = 30
+# Outcomes per job in a batch below which a full buffer does not force an early write, and
+# the interval's write waits, up to SPARSE_WAIT intervals (and at most a second longer).
+PER_JOB_BATCH = 256
+SPARSE_WAIT = 10
 # How long the final write waits for a replica to acknowledge it (Sentinel mode).
 REPLICA_WAIT_MS = 2000
 
@@ -118,11 +122,13 @@ class Progress:
                 ledger.failures[index] = (label, reason)
         else:
             size = nbytes if outcome == "uploaded" else -1
-            batch.successes.append(f"{index} {size}")
+            batch.success(index, size)
             if ledger is not None:
                 ledger.success(index, size)
         self._buffered += 1
-        if self._buffered >= self._config.flush_batch:
+        # Sized to the load: a job's script costs Redis about as much as 30 outcomes, so an
+        # early write waits for enough outcomes per job in the batch to pay for it.
+        if self._buffered >= max(self._config.flush_batch, PER_JOB_BATCH * len(self._pending)):
             self._full.set()
 
     def forget(self, job_id: str) -> None:
@@ -134,11 +140,24 @@ class Progress:
 
         Stopping is a flag rather than a cancellation, so a pipeline is never cut in half.
         """
+        interval = self._config.flush_interval
+        longest = min(SPARSE_WAIT * interval, max(1.0, interval))
+        waited = 0.0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.flush_interval):
+                async with asyncio.timeout(interval):
                     await self._full.wait()
+            waited += interval
+            if self._sparse and waited < longest and not self._full.is_set() and not self._stopping:
+                continue
+            waited = 0.0
             await self.flush()
+
+    @property
+    def _sparse(self) -> bool:
+        """Few outcomes for many jobs: a write would cost Redis a script per job for a handful
+        of entries each, so it waits a little longer (a job that finishes writes its own)."""
+        return self._buffered < PER_JOB_BATCH * len(self._pending)
 
     @property
     def unsaved(self) -> int:
@@ -149,15 +168,20 @@ class Progress:
         self._stopping = True
         self._full.set()
 
-    async def flush(self) -> None:
-        """Write what is buffered. A batch stays queued until Redis has acknowledged it, also
-        when this is cancelled mid-write; sending it again counts nothing twice."""
+    async def flush(self, job_id: str | None = None) -> None:
+        """Write what is buffered, or only one job's part of it (a job that finishes need not
+        write every other job's outcomes early). A batch stays queued until Redis has
+        acknowledged it, also when this is cancelled mid-write; sending it again counts
+        nothing twice."""
         async with self._flush_lock:
-            if self._pending:
+            if job_id is None and self._pending:
                 self._full.clear()
                 self._unsent.append(self._pending)
                 self._pending = defaultdict(Batch)
                 self._buffered = 0
+            elif job_id is not None and (own := self._pending.pop(job_id, None)):
+                self._unsent.append({job_id: own})
+                self._buffered -= len(own)
             while self._unsent:
                 try:
                     await until_done(functools.partial(self._write, self._unsent[0]), "flush progress")
@@ -197,7 +221,7 @@ class Progress:
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
-                for script in (_APPLY, _START, _FINISH):
+                for script in (_APPLY, _START, _FINISH, _REASONS):
                     await script.load(self._redis)
         raise AssertionError("unreachable")
 
@@ -251,7 +275,7 @@ class Progress:
         await until_done(lambda: self._redis.hset(self._keys.job(job_id), "total", total), "set total")
 
     async def set_state(self, job_id: str, state: State) -> None:
-        await self.flush()
+        await self.flush(job_id)
         key = self._keys.job(job_id)
         await until_done(
             lambda: self._redis.hset(key, mapping={"state": state, "updated_at": int(time.time())}),
@@ -283,7 +307,7 @@ class Progress:
         The whole write is idempotent and runs again, from the ledger, after any outage on
         the way: so what a failover took (acknowledged, never replicated) is written again,
         and in Sentinel mode a replica has the result before the job is settled."""
-        await self.flush()
+        await self.flush(job_id)
         ledger = self._ledgers.pop(job_id, None) or Ledger()
         stored = await until_done(lambda: self._final(job_id, ledger, cancelled, total), "finish job")
         counts = {name: int(stored.get(name.encode(), 0)) for name in COMPLETION_COUNTS}
@@ -329,13 +353,10 @@ class Progress:
         reasons = dict(value.split(b"\0", 1) for value in failing)
         if list_reason is not None:
             reasons[LIST_LABEL.encode()] = list_reason
-        key = self._keys.failed(job_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if reasons:
-                pipe.hset(key, mapping=reasons)  # type: ignore[arg-type]
-                pipe.expire(key, self._config.progress_ttl)
-            await pipe.execute()
+        args: list[EncodableT] = [self._config.progress_ttl]
+        for label, reason in reasons.items():
+            args += (label, reason)
+        await self._scripted(lambda pipe: _REASONS(pipe, [self._keys.failed(job_id)], args))
 
     async def _replicated(self, job_id: str) -> None:
         """Wait until a replica has the final write, so a failover now cannot take it back.
@@ -370,4 +391,4 @@ def _wrong_type(key: str, found: str) -> str:
             "delete it or use another job ID")
 
 
-_APPLY, _START, _FINISH = Lua(APPLY), Lua(START), Lua(FINISH)
+_APPLY, _START, _FINISH, _REASONS = Lua(APPLY), Lua(START), Lua(FINISH), Lua(REASONS)

@@ -1,0 +1,238 @@
+"""The daemon on a real Redis Cluster (3 masters) and a real Sentinel deployment (master,
+replica, 3 sentinels): the same jobs, the same exact counts, through a resharding, a READONLY
+window and a `kill -9` of the master."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+from tests.helpers import Env, RecordingStore, local_store, toml_text, wait_until
+from uploader import devredis
+from uploader.config import RedisConfig
+from uploader.devredis import RedisCluster, RedisSentinel
+from uploader.devservers import Server
+from uploader.redisio import connect
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def cluster_env(
+    tmp_path: Path, beanstalkd_server: Server, redis_cluster: RedisCluster, moto_endpoint: str
+) -> AsyncIterator[Env]:
+    env = Env(tmp_path=tmp_path, beanstalkd=beanstalkd_server.address, redis_url=redis_cluster.url,
+              s3_endpoint=moto_endpoint, tag=uuid.uuid4().hex[:10])
+    client = ClusterClient.from_url(redis_cluster.url)
+    await client.initialize()
+    env.redis = cast(aioredis.Redis, client)
+    yield env
+    await env.close()
+
+
+def sentinel_env(tmp_path: Path, beanstalkd: str, deployment: RedisSentinel, moto_endpoint: str) -> Env:
+    env = Env(tmp_path=tmp_path, beanstalkd=beanstalkd, redis_url="redis://127.0.0.1:1/0",
+              s3_endpoint=moto_endpoint, tag=uuid.uuid4().hex[:10])
+    env.redis = connect(sentinel_config(deployment))
+    return env
+
+
+def sentinel_config(deployment: RedisSentinel) -> RedisConfig:
+    return RedisConfig(mode="sentinel", url="redis://ignored:1/0", sentinels=tuple(deployment.sentinels),
+                       service=deployment.service)
+
+
+def sentinel_overrides(deployment: RedisSentinel) -> dict[str, Any]:
+    return {"redis": {"mode": "sentinel", "sentinels": list(deployment.sentinels),
+                      "service": deployment.service}}
+
+
+def slow_local(env: Env, delay: float) -> RecordingStore:
+    return RecordingStore(local_store(env), delay=delay)
+
+
+def stored(env: Env) -> int:
+    return sum(len(files) for _, _, files in os.walk(env.objects))
+
+
+async def assert_exact(env: Env, job_id: str, total: int, failed: int = 0) -> dict[str, str]:
+    """The final hash says what the store and the marks say, to the file."""
+    state = await env.wait_final(job_id, timeout=60)
+    assert (state["total"], state["uploaded"], state["failed"]) == (str(total), str(total - failed), str(failed))
+    marks = await env.redis.get(env.keys.marks(job_id)) or b""
+    assert sum(bin(b).count("1") for b in marks) == total - failed, "a mark for every stored file"
+    assert len(await env.failures(job_id)) == failed
+    return state
+
+
+# --- Redis Cluster ---
+
+
+async def test_jobs_whose_keys_live_on_different_cluster_nodes_finish_with_exact_counts(
+    cluster_env: Env, redis_cluster: RedisCluster
+) -> None:
+    env = cluster_env
+    job_ids = [f"c{i}-{env.tag}" for i in range(6)]
+    nodes = {redis_cluster.node_for(env.keys.job(j)).port for j in job_ids}
+    nodes |= {redis_cluster.node_for(env.keys.files(j)).port for j in job_ids}
+    assert len(nodes) >= 2, "the jobs' keys should span nodes, or the test proves nothing"
+    assert redis_cluster.keyslot(env.keys.marks(job_ids[0])) == redis_cluster.keyslot(env.keys.job(job_ids[0]))
+    for n, job_id in enumerate(job_ids):
+        paths = [str(p) for p in env.write_files(30, sub=job_id)]
+        if n % 2:
+            paths.append(str(env.uploads / "missing.txt"))  # a failed file, with its reason
+        await env.push_job(job_id, paths)
+
+    async with env.daemon(env.config(redis={"mode": "cluster"})):
+        for n, job_id in enumerate(job_ids):
+            failed = n % 2
+            state = await assert_exact(env, job_id, 30 + failed, failed)
+            assert state["state"] == ("failed" if failed else "done")
+        messages = await env.completions(len(job_ids))
+    assert sorted(m["id"] for m in messages) == sorted(job_ids)
+    assert stored(env) == 30 * len(job_ids)
+
+
+async def test_a_slot_moved_to_another_node_mid_job_drops_no_progress(
+    cluster_env: Env, redis_cluster: RedisCluster
+) -> None:
+    env = cluster_env
+    job_id = f"moved-{env.tag}"
+    await env.push_job(job_id, [str(p) for p in env.write_files(150)])
+    store = slow_local(env, 0.01)
+    async with env.daemon(env.config(redis={"mode": "cluster"}, upload={"concurrency": 4}), store=store):
+        await wait_until(lambda: _uploaded_at_least(env, job_id, 20), 30, "progress before the move")
+        for key in (env.keys.job(job_id), env.keys.files(job_id)):
+            slot = redis_cluster.keyslot(key)
+            owner = redis_cluster.owner_of_slot(slot)
+            target = next(n for n in redis_cluster.nodes if n.port != owner.port)
+            await asyncio.to_thread(redis_cluster.migrate_slot, slot, target)
+        state = await assert_exact(env, job_id, 150)
+    assert state["state"] == "done"
+    assert stored(env) == 150
+
+
+async def _uploaded_at_least(env: Env, job_id: str, count: int) -> bool:
+    return int((await env.state(job_id)).get("uploaded", 0)) >= count
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uploader.cli", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return cast(int, proc.returncode), out.decode(), err.decode()
+
+
+async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Path) -> None:
+    env = cluster_env
+    config = tmp_path / "cluster.toml"
+    config.write_text(toml_text(env.config_data(redis={"mode": "cluster"})))
+    paths = [str(p) for p in env.write_files(3)]
+    job_id = f"cli-{env.tag}"
+    async with env.daemon(env.config(redis={"mode": "cluster"})):
+        code, out, err = await run_cli("--config", str(config), "enqueue", "--job", job_id, "--wait", *paths)
+        assert code == 0, err
+        code, out, err = await run_cli("--config", str(config), "status", job_id)
+        assert code == 0 and "done" in out, err
+        code, _, err = await run_cli("--config", str(config), "cancel", job_id)
+        assert code == 1, err  # finished: nothing to cancel
+        code, out, err = await run_cli("--config", str(config), "failed")
+        assert code == 0, err
+        # Enqueue again: the reset deletes keys of several slots, one DEL each.
+        code, out, err = await run_cli("--config", str(config), "enqueue", "--job", job_id, "--wait", *paths)
+        assert code == 0, err
+
+
+# --- Sentinel ---
+
+
+async def test_a_job_runs_through_sentinel_and_survives_a_readonly_window(
+    tmp_path: Path, beanstalkd_server: Server, redis_sentinel: RedisSentinel, moto_endpoint: str
+) -> None:
+    """The master answers READONLY for a while (as a demoted master does until the sentinels
+    reconfigure it): progress waits, no batch is dropped, no file fails, the job is not buried."""
+    env = sentinel_env(tmp_path, beanstalkd_server.address, redis_sentinel, moto_endpoint)
+    try:
+        job_id = f"ro-{env.tag}"
+        await env.push_job(job_id, [str(p) for p in env.write_files(120)])
+        store = slow_local(env, 0.01)
+        config = env.config(**sentinel_overrides(redis_sentinel), upload={"concurrency": 4})
+        async with env.daemon(config, store=store):
+            await wait_until(lambda: _uploaded_at_least(env, job_id, 20), 30, "progress before the window")
+            # The master turns read-only without losing its data: a replica of a port nobody
+            # listens on never syncs, so it keeps what it has and refuses writes.
+            master = redis_sentinel.master
+            devredis.command(master, "CONFIG", "SET", "replica-read-only", "yes")
+            devredis.command(master, "REPLICAOF", "127.0.0.1", "1")
+            began = time.monotonic()
+            try:
+                await wait_until(lambda: len(store.order) >= 80, 30, "uploads during the window")
+            finally:
+                devredis.command(master, "REPLICAOF", "NO", "ONE")
+                await asyncio.to_thread(devredis.poll, "the replica back in sync",
+                                        lambda: devredis.in_sync(redis_sentinel.replica) or None, 20)
+            print(f"READONLY window held {time.monotonic() - began:.2f} s")
+            state = await assert_exact(env, job_id, 120)
+        assert state["state"] == "done"
+        assert stored(env) == 120
+    finally:
+        await env.close()
+
+
+@pytest.mark.timeout(180)
+async def test_kill_9_of_the_master_mid_job_loses_and_miscounts_nothing(
+    tmp_path: Path, beanstalkd_server: Server, fresh_sentinel: Callable[..., RedisSentinel],
+    moto_endpoint: str,
+) -> None:
+    """Writes the master acknowledged but never replicated (its replica is stopped for a
+    moment before the kill) vanish with it: the final write makes them good from the run's
+    ledger, so the counts equal what was stored."""
+    deployment = fresh_sentinel()
+    env = sentinel_env(tmp_path, beanstalkd_server.address, deployment, moto_endpoint)
+    try:
+        job_id = f"kill-{env.tag}"
+        total = 400
+        await env.push_job(job_id, [str(p) for p in env.write_files(total)])
+        store = slow_local(env, 0.02)
+        config = env.config(**sentinel_overrides(deployment), upload={"concurrency": 8})
+        async with env.daemon(config, store=store):
+            await wait_until(lambda: _uploaded_at_least(env, job_id, 40), 30, "progress before the kill")
+            replica = deployment.replica
+            assert replica.proc is not None
+            os.kill(replica.proc.pid, signal.SIGSTOP)  # what the master acknowledges now is never copied
+            try:
+                before = len(store.order)
+                await wait_until(lambda: len(store.order) >= before + 40, 30, "uploads the replica misses")
+                await wait_until(lambda: _uploaded_at_least(env, job_id, before + 30), 30,
+                                 "the master acknowledging progress the replica misses")
+                seen_before = int((await env.state(job_id)).get("uploaded", 0))
+                killed = deployment.kill_master()
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            await asyncio.to_thread(deployment.wait_for_promotion, 30)
+            promoted = time.monotonic() - killed
+            after_promotion = int((await env.state(job_id)).get("uploaded", 0))
+            await wait_until(lambda: _uploaded_at_least(env, job_id, after_promotion + 1), 60,
+                             "progress moving on the new master")
+            moving = time.monotonic() - killed
+            state = await assert_exact(env, job_id, total)
+            print(f"kill -9 at 0 s; promoted at {promoted:.2f} s; progress moving at {moving:.2f} s; "
+                  f"uploaded seen {seen_before} before the kill, {after_promotion} on the new master")
+        assert state["state"] == "done"
+        assert stored(env) == total
+        assert after_promotion < seen_before, "the failover lost no write: the test proved nothing"
+    finally:
+        await env.close()
