@@ -168,7 +168,8 @@ async def assert_counters_match_what_is_stored(direct: aioredis.Redis, keys: Key
     bitmap = await direct.get(keys.marks("job")) or b""
     marked = [i for i in range(ENTRIES) if i // 8 < len(bitmap) and bitmap[i // 8] & (0x80 >> (i % 8))]
     # index -> label NUL reason
-    failing = {int(k): v.decode().split("\0")[0] for k, v in (await direct.hgetall(keys.failing("job"))).items()}
+    stored = await direct.hgetall(keys.failing("job"))
+    failing = {int(k): v.decode().split("\0")[0] for k, v in stored.items()}
     reasons = {k.decode() for k in await direct.hkeys(keys.failed("job"))}
     assert state.get("uploaded", 0) == sum(kind(i) == "uploaded" for i in marked), seed
     assert state.get("skipped", 0) == sum(kind(i) == "skipped" for i in marked), seed

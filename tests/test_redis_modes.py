@@ -69,11 +69,17 @@ def stored(env: Env) -> int:
 async def assert_exact(env: Env, job_id: str, total: int, failed: int = 0) -> dict[str, str]:
     """The final hash says what the store and the marks say, to the file."""
     state = await env.wait_final(job_id, timeout=60)
-    assert (state["total"], state["uploaded"], state["failed"]) == (str(total), str(total - failed), str(failed))
+    counts = (state["total"], state["uploaded"], state["failed"])
+    assert counts == (str(total), str(total - failed), str(failed))
     marks = await env.redis.get(env.keys.marks(job_id)) or b""
     assert sum(bin(b).count("1") for b in marks) == total - failed, "a mark for every stored file"
     assert len(await env.failures(job_id)) == failed
     return state
+
+
+def assert_no_dropped_writes(log: str) -> None:
+    for event in ("progress_write_refused", "job_crashed", "file_failed"):
+        assert event not in log, f"{event} in the daemon's log"
 
 
 # --- Redis Cluster ---
@@ -87,7 +93,8 @@ async def test_jobs_whose_keys_live_on_different_cluster_nodes_finish_with_exact
     nodes = {redis_cluster.node_for(env.keys.job(j)).port for j in job_ids}
     nodes |= {redis_cluster.node_for(env.keys.files(j)).port for j in job_ids}
     assert len(nodes) >= 2, "the jobs' keys should span nodes, or the test proves nothing"
-    assert redis_cluster.keyslot(env.keys.marks(job_ids[0])) == redis_cluster.keyslot(env.keys.job(job_ids[0]))
+    first = job_ids[0]
+    assert redis_cluster.keyslot(env.keys.marks(first)) == redis_cluster.keyslot(env.keys.job(first))
     for n, job_id in enumerate(job_ids):
         paths = [str(p) for p in env.write_files(30, sub=job_id)]
         if n % 2:
@@ -105,7 +112,7 @@ async def test_jobs_whose_keys_live_on_different_cluster_nodes_finish_with_exact
 
 
 async def test_a_slot_moved_to_another_node_mid_job_drops_no_progress(
-    cluster_env: Env, redis_cluster: RedisCluster
+    cluster_env: Env, redis_cluster: RedisCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = cluster_env
     job_id = f"moved-{env.tag}"
@@ -121,16 +128,17 @@ async def test_a_slot_moved_to_another_node_mid_job_drops_no_progress(
         state = await assert_exact(env, job_id, 150)
     assert state["state"] == "done"
     assert stored(env) == 150
+    assert_no_dropped_writes(capsys.readouterr().out)
 
 
 async def _uploaded_at_least(env: Env, job_id: str, count: int) -> bool:
     return int((await env.state(job_id)).get("uploaded", 0)) >= count
 
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
+async def run_cli(config: Path, command: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uploader.cli", *args, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "uploader.cli", command, "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return cast(int, proc.returncode), out.decode(), err.decode()
@@ -143,16 +151,16 @@ async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Pa
     paths = [str(p) for p in env.write_files(3)]
     job_id = f"cli-{env.tag}"
     async with env.daemon(env.config(redis={"mode": "cluster"})):
-        code, out, err = await run_cli("--config", str(config), "enqueue", "--job", job_id, "--wait", *paths)
+        code, out, err = await run_cli(config, "enqueue", "--job", job_id, "--wait", *paths)
         assert code == 0, err
-        code, out, err = await run_cli("--config", str(config), "status", job_id)
+        code, out, err = await run_cli(config, "status", job_id)
         assert code == 0 and "done" in out, err
-        code, _, err = await run_cli("--config", str(config), "cancel", job_id)
+        code, _, err = await run_cli(config, "cancel", job_id)
         assert code == 1, err  # finished: nothing to cancel
-        code, out, err = await run_cli("--config", str(config), "failed")
+        code, out, err = await run_cli(config, "failed")
         assert code == 0, err
         # Enqueue again: the reset deletes keys of several slots, one DEL each.
-        code, out, err = await run_cli("--config", str(config), "enqueue", "--job", job_id, "--wait", *paths)
+        code, out, err = await run_cli(config, "enqueue", "--job", job_id, "--wait", *paths)
         assert code == 0, err
 
 
@@ -160,7 +168,8 @@ async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Pa
 
 
 async def test_a_job_runs_through_sentinel_and_survives_a_readonly_window(
-    tmp_path: Path, beanstalkd_server: Server, redis_sentinel: RedisSentinel, moto_endpoint: str
+    tmp_path: Path, beanstalkd_server: Server, redis_sentinel: RedisSentinel, moto_endpoint: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The master answers READONLY for a while (as a demoted master does until the sentinels
     reconfigure it): progress waits, no batch is dropped, no file fails, the job is not buried."""
@@ -177,16 +186,20 @@ async def test_a_job_runs_through_sentinel_and_survives_a_readonly_window(
             master = redis_sentinel.master
             devredis.command(master, "CONFIG", "SET", "replica-read-only", "yes")
             devredis.command(master, "REPLICAOF", "127.0.0.1", "1")
-            began = time.monotonic()
+            began, before = time.monotonic(), len(store.order)
             try:
-                await wait_until(lambda: len(store.order) >= 80, 30, "uploads during the window")
+                await wait_until(lambda: len(store.order) >= before + 40, 30, "uploads during the window")
+                frozen = int((await env.state(job_id))["uploaded"])
             finally:
                 devredis.command(master, "REPLICAOF", "NO", "ONE")
                 await asyncio.to_thread(devredis.poll, "the replica back in sync",
                                         lambda: devredis.in_sync(redis_sentinel.replica) or None, 20)
-            print(f"READONLY window held {time.monotonic() - began:.2f} s")
+            with capsys.disabled():
+                print(f"READONLY window held {time.monotonic() - began:.2f} s")
             state = await assert_exact(env, job_id, 120)
+        assert frozen < before + 40, "progress was written during the window: it was not read-only"
         assert state["state"] == "done"
+        assert_no_dropped_writes(capsys.readouterr().out)
         assert stored(env) == 120
     finally:
         await env.close()
@@ -195,7 +208,7 @@ async def test_a_job_runs_through_sentinel_and_survives_a_readonly_window(
 @pytest.mark.timeout(180)
 async def test_kill_9_of_the_master_mid_job_loses_and_miscounts_nothing(
     tmp_path: Path, beanstalkd_server: Server, fresh_sentinel: Callable[..., RedisSentinel],
-    moto_endpoint: str,
+    moto_endpoint: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Writes the master acknowledged but never replicated (its replica is stopped for a
     moment before the kill) vanish with it: the final write makes them good from the run's
@@ -212,27 +225,34 @@ async def test_kill_9_of_the_master_mid_job_loses_and_miscounts_nothing(
             await wait_until(lambda: _uploaded_at_least(env, job_id, 40), 30, "progress before the kill")
             replica = deployment.replica
             assert replica.proc is not None
-            os.kill(replica.proc.pid, signal.SIGSTOP)  # what the master acknowledges now is never copied
+            # What the master acknowledges from now on is never copied: the replica is stopped
+            # and its link cut (what was on the wire before is still read once it continues).
+            os.kill(replica.proc.pid, signal.SIGSTOP)
             try:
+                devredis.command(deployment.master, "CLIENT", "KILL", "TYPE", "replica")
                 before = len(store.order)
                 await wait_until(lambda: len(store.order) >= before + 40, 30, "uploads the replica misses")
                 await wait_until(lambda: _uploaded_at_least(env, job_id, before + 30), 30,
                                  "the master acknowledging progress the replica misses")
                 seen_before = int((await env.state(job_id)).get("uploaded", 0))
+                store.delay = 1.0  # the job still runs once the new master is in place
                 killed = deployment.kill_master()
             finally:
                 os.kill(replica.proc.pid, signal.SIGCONT)
             await asyncio.to_thread(deployment.wait_for_promotion, 30)
             promoted = time.monotonic() - killed
             after_promotion = int((await env.state(job_id)).get("uploaded", 0))
+            store.delay = 0.02
             await wait_until(lambda: _uploaded_at_least(env, job_id, after_promotion + 1), 60,
                              "progress moving on the new master")
             moving = time.monotonic() - killed
             state = await assert_exact(env, job_id, total)
-            print(f"kill -9 at 0 s; promoted at {promoted:.2f} s; progress moving at {moving:.2f} s; "
-                  f"uploaded seen {seen_before} before the kill, {after_promotion} on the new master")
+            with capsys.disabled():
+                print(f"kill -9 at 0 s; promoted at {promoted:.2f} s; progress moving at {moving:.2f} s; "
+                      f"uploaded seen {seen_before} before the kill, {after_promotion} on the new master")
         assert state["state"] == "done"
         assert stored(env) == total
         assert after_promotion < seen_before, "the failover lost no write: the test proved nothing"
+        assert_no_dropped_writes(capsys.readouterr().out)
     finally:
         await env.close()

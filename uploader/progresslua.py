@@ -152,7 +152,9 @@ if ARGV[4] ~= '' then
 end
 if mode == 'fresh' or not was[8] then fields[#fields + 1] = 'started_at'; fields[#fields + 1] = ARGV[2] end
 if mode == 'fresh' or not was[9] then
-  for _, name in ipairs({'uploaded', 'skipped', 'bytes'}) do fields[#fields + 1] = name; fields[#fields + 1] = 0 end
+  for _, name in ipairs({'uploaded', 'skipped', 'bytes'}) do
+    fields[#fields + 1] = name; fields[#fields + 1] = 0
+  end
 end
 redis.call('HSET', h, unpack(fields))
 redis.call('DEL', KEYS[4])
@@ -197,7 +199,9 @@ class Lua:
     def __call__(
         self, client: aioredis.Redis | Pipeline, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
-        return client.evalsha(self.sha, len(keys), *keys, *args)
+        # Through execute_command: redis-py's cluster pipeline blocks its `evalsha` method, not
+        # the command, which it routes by the keys like any other.
+        return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, client: aioredis.Redis) -> None:
         await client.script_load(self.source)
