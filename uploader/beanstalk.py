@@ -412,6 +412,7 @@ class Producer:
     async def _conn(self, address: str) -> Connection:
         conn = self._conns.get(address)
         if conn is None or conn.gone:
+            await self._forget(address)
             conn = await Connection.connect(address, self.timeout)
             try:
                 await conn.use(self.tube)

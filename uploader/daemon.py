@@ -144,9 +144,9 @@ class Daemon:
             side = [
                 tg.create_task(self._announce_ready(), name="ready"),
                 tg.create_task(self._tick(), name="status tick"),
-                tg.create_task(self._poll_tubes(), name="tube stats"),
-                tg.create_task(self._watch_redis(), name="redis check"),
-                tg.create_task(self._watch_sources(), name="beanstalkd check"),
+                tg.create_task(poll_tubes(self.monitor, self.metrics, self.time), name="tube stats"),
+                tg.create_task(watch_redis(self.probe_redis, self.health, self.time), name="redis check"),
+                tg.create_task(watch_sources(self.monitor, self.time), name="beanstalkd check"),
                 tg.create_task(self.heartbeat.run(), name="heartbeat"),
             ]
             try:
@@ -256,33 +256,6 @@ class Daemon:
             status = f"STATUS={'draining: ' if self.stop.is_set() else ''}{self._status_text(rate)}"
             self.notifier.send(status, *(["WATCHDOG=1"] if watchdog else []))
 
-    async def _poll_tubes(self) -> None:
-        """Fill uploader_tube_ready_jobs{tube}: how much work waits, for dashboards and scaling."""
-        while True:
-            try:
-                async with asyncio.timeout(max(1.0, TUBE_STATS_INTERVAL)):
-                    counts = await self.monitor.ready_jobs()
-                for tube, ready in counts.items():
-                    self.metrics.tube_ready.labels(tube).set(ready)
-            except Exception as exc:  # noqa: BLE001 - a metric is never worth stopping the daemon for
-                log.debug("tube_stats_failed", error=repr(exc))
-            await self.time.sleep(TUBE_STATS_INTERVAL)
-
-    async def _watch_redis(self) -> None:
-        """PING Redis every REDIS_CHECK_INTERVAL: while it does not answer, nothing is reserved
-        (held jobs wait for it where they are)."""
-        while True:
-            self.health.judge("redis", await problem(self.probe_redis.ping, web.PROBE_TIMEOUT))
-            await self.time.sleep(REDIS_CHECK_INTERVAL)
-
-    async def _watch_sources(self) -> None:
-        """Probe every beanstalkd each SOURCE_CHECK_INTERVAL: uploader_source_up, /readyz and
-        STATUS= follow (the Source reports its own connections as it goes)."""
-        while True:
-            with contextlib.suppress(Exception):  # the verdicts are recorded; none is all-down
-                await self.monitor.ping()
-            await self.time.sleep(SOURCE_CHECK_INTERVAL)
-
     def _source_changed(self, address: str, up: bool) -> None:
         self.metrics.source_up.labels(address).set(1 if up else 0)
         if self.ready and not self.stop.is_set():
@@ -342,3 +315,36 @@ def _signal_handlers(handlers: Mapping[signal.Signals, Callable[[], None]]) -> I
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+# --- side tasks: they log and carry on, never end the daemon ---
+
+
+async def poll_tubes(monitor: Monitor, metrics: Metrics, time: Time) -> None:
+    """Fill uploader_tube_ready_jobs{tube}: how much work waits, for dashboards and scaling."""
+    while True:
+        try:
+            async with asyncio.timeout(max(1.0, TUBE_STATS_INTERVAL)):
+                counts = await monitor.ready_jobs()
+            for tube, ready in counts.items():
+                metrics.tube_ready.labels(tube).set(ready)
+        except Exception as exc:  # noqa: BLE001 - a metric is never worth stopping the daemon for
+            log.debug("tube_stats_failed", error=repr(exc))
+        await time.sleep(TUBE_STATS_INTERVAL)
+
+
+async def watch_redis(redis: aioredis.Redis, health: Health, time: Time) -> None:
+    """PING Redis every REDIS_CHECK_INTERVAL: while it does not answer, nothing is reserved
+    (held jobs wait for it where they are)."""
+    while True:
+        health.judge("redis", await problem(redis.ping, web.PROBE_TIMEOUT))
+        await time.sleep(REDIS_CHECK_INTERVAL)
+
+
+async def watch_sources(monitor: Monitor, time: Time) -> None:
+    """Probe every beanstalkd each SOURCE_CHECK_INTERVAL: uploader_source_up, /readyz and
+    STATUS= follow (the Source reports its own connections as it goes)."""
+    while True:
+        with contextlib.suppress(Exception):  # the verdicts are recorded; none is all-down
+            await monitor.ping()
+        await time.sleep(SOURCE_CHECK_INTERVAL)
