@@ -197,9 +197,9 @@ class Source:
         handed out in that instant goes back to ready rather than being stranded.
         """
         while True:
+            await self._until_up(address)  # first: whether the server answers is worth knowing
             if clear is not None:
                 await clear()
-            await self._until_up(address)
             await room.acquire()
             handed_over = False
             try:
