@@ -6,14 +6,17 @@ HTTP API's client side. Test modules import shared helpers from here, never from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -560,3 +563,43 @@ class Daemons:
             for secret in secrets:
                 assert secret not in text, f"a secret is in {daemon.log}"
             assert "Traceback" not in text, f"the daemon logged a traceback:\n{text[-3000:]}"
+
+
+# --- systemd's notify socket, and the command line --------------------------------------------
+
+
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[str, list[str]]]:
+    """An sd_notify socket (abstract address) and the lines received on it, read in a thread."""
+    name = f"uploader-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(0.1)
+    seen: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                seen.extend(sock.recv(4096).decode().splitlines())
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    try:
+        yield "@" + name, seen
+    finally:
+        done.set()
+        reader.join(5)
+        sock.close()
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """`python -m uploader.cli ARGS...`: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "uploader.cli", *args, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode("utf-8", "replace")

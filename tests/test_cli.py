@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Env, wait_until, write_config
-from uploader import cli, devservers, jobctl
+from tests.helpers import Env, run_cli, wait_until, write_config
+from uploader import cli, devservers, jobctl, placement
 from uploader import config as config_mod
 
 
@@ -491,3 +491,45 @@ async def test_a_job_the_daemon_buried_is_listed_by_failed_and_finished_by_retry
     assert (state["uploaded"], state["failed"], state["total"]) == ("4", "0", "4")
     code, out, _ = await uploader(env, "failed")
     assert job_id not in out
+
+
+@pytest.mark.timeout(60)
+async def test_enqueue_puts_a_job_on_its_placement_server_and_fails_over(env: Env) -> None:
+    """The producer rule (README): a stable hash of the job ID picks the server; when it does
+    not answer, the next one in order takes the job."""
+    other = devservers.beanstalkd().start()
+    dead = nowhere()
+    try:
+        servers = [env.beanstalkd, other.address]
+        path = env.tmp_path / "two.toml"
+        data = env.config_data(source={"address": servers})
+        write_config(path, data)
+        files = [str(p) for p in env.write_files(1)]
+        job_ids = [f"spread-{env.tag}-{i}" for i in range(8)]
+        for job_id in job_ids:
+            code, out, err = await run_cli("enqueue", "--config", str(path), "--job", job_id, *files)
+            assert (code, out.strip(), err) == (0, job_id, "")
+        expected = {a: sum(placement.order(j, servers)[0] == a for j in job_ids) for a in servers}
+        assert 0 < expected[other.address] < len(job_ids), "the IDs chosen spread over both"
+        for address, count in expected.items():
+            conn = await env.conn(address)
+            assert int((await conn.stats_tube(env.tube))["current-jobs-ready"]) == count
+
+        write_config(path, env.config_data(source={"address": [dead, other.address]}))
+        first_dead = next(f"dead-{env.tag}-{i}" for i in range(100)
+                          if placement.order(f"dead-{env.tag}-{i}", [dead, other.address])[0] == dead)
+        code, out, err = await run_cli("enqueue", "--config", str(path), "--job", first_dead, *files)
+        assert (code, out.strip(), err) == (0, first_dead, "")
+        conn = await env.conn(other.address)
+        assert int((await conn.stats_tube(env.tube))["current-jobs-ready"]) == expected[other.address] + 1
+    finally:
+        other.stop()
+
+
+def test_placement_is_stable_and_wraps() -> None:
+    servers = ["a:1", "b:2", "c:3"]
+    first = placement.order("job-42", servers)
+    assert first == placement.order("job-42", servers) and sorted(first) == servers
+    start = servers.index(first[0])
+    assert first == servers[start:] + servers[:start], "the rest follow in order, wrapping"
+    assert placement.order("x", []) == []

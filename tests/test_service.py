@@ -17,10 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import Daemons, Env, toml_text, uploaded, wait_until, write_config
+from tests.helpers import Daemons, Env, notify_socket, toml_text, uploaded, wait_until, write_config
 from uploader.beanstalk import NotFound
 from uploader.devservers import free_port
 
@@ -265,31 +263,6 @@ async def test_startup_failures_are_one_line_and_exit_2(
         assert expected in lines[-1]
         assert "Traceback" not in daemon.log.read_text()
     taken.close()
-
-
-@contextlib.contextmanager
-def notify_socket() -> Iterator[tuple[str, list[str]]]:
-    """An sd_notify socket (abstract address) and the lines received on it, read in a thread."""
-    name = f"uploader-test-{uuid.uuid4().hex}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + name)
-    sock.settimeout(0.1)
-    seen: list[str] = []
-    done = threading.Event()
-
-    def receive() -> None:
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                seen.extend(sock.recv(4096).decode().splitlines())
-
-    reader = threading.Thread(target=receive, daemon=True)
-    reader.start()
-    try:
-        yield "@" + name, seen
-    finally:
-        done.set()
-        reader.join(5)
-        sock.close()
 
 
 @pytest.mark.timeout(60)

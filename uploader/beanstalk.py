@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from uploader.errors import InfrastructureError, UploaderError
@@ -148,6 +148,11 @@ class Connection:
             raise ConnectionLost(f"cannot connect to beanstalkd at {address}: {_why(exc)}") from None
         return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop), address, gone)
 
+    @property
+    def gone(self) -> bool:
+        """Closed here, or by the server (or broken): no command can succeed on it."""
+        return self.closed or self._gone.is_set()
+
     async def wait_gone(self) -> None:
         """Until the server closes the connection or it breaks (reservations on it are over)."""
         await self._gone.wait()
@@ -279,6 +284,29 @@ class Connection:
         assert data is not None
         return Job(int(parts[1]), data)
 
+    async def peek_many(self, job_ids: Sequence[int]) -> dict[int, bytes]:
+        """`peek` each ID, the commands pipelined in one write: the bodies of those that exist
+        (in any state), by ID. For `uploader recover`, which looks at every job of a server."""
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.address} is closed")
+        found: dict[int, bytes] = {}
+        async with self._lock:
+            try:
+                self._writer.write(b"".join(b"peek %d\r\n" % i for i in job_ids))
+                await self._writer.drain()
+                for _ in job_ids:
+                    reply = (await self._reader.readuntil(b"\r\n"))[:-2].decode("ascii")
+                    parts = self._expect(reply, "FOUND", "NOT_FOUND")
+                    if parts[0] == "FOUND":
+                        found[int(parts[1])] = (await self._reader.readexactly(int(parts[2]) + 2))[:-2]
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+                await self._abandon()
+                raise ConnectionLost(f"lost connection to beanstalkd at {self.address}: {exc!r}") from None
+            except BaseException:
+                await self._abandon()  # out of step with the server
+                raise
+        return found
+
     async def stats_job(self, job_id: int) -> dict[str, str]:
         return await self._stats(f"stats-job {job_id}")
 
@@ -329,44 +357,76 @@ async def connect_with_backoff(
 class Producer:
     """Puts into one tube, reconnecting on loss; for completion messages.
 
-    With several servers it moves on to the next one when a server is unreachable, so one
-    dead beanstalkd cannot hold up the announcements of jobs from the others.
+    With several servers a message goes to the server named by `prefer` (the one that held the
+    job) while it answers, else to the next server in the configured order that does, so one
+    dead beanstalkd cannot hold up the announcements of jobs from the others. `is_up` (the
+    daemon's view of its servers) moves servers known to be down to the end of the order.
     """
 
-    def __init__(self, addresses: str | tuple[str, ...], tube: str) -> None:
+    def __init__(
+        self,
+        addresses: str | tuple[str, ...],
+        tube: str,
+        is_up: Callable[[str], bool] | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         self.addresses = (addresses,) if isinstance(addresses, str) else addresses
         self.tube = tube
-        self._conn: Connection | None = None
-        self._next = 0
+        self.is_up = is_up
+        self.timeout = timeout  # seconds to connect, and for each reply
+        self._conns: dict[str, Connection] = {}
         self._lock = asyncio.Lock()
 
-    async def _connect(self) -> Connection:
+    def order(self, prefer: str | None = None) -> list[str]:
+        """The servers to try, first choice first."""
+        first = [prefer] if prefer in self.addresses else []
+        rest = [a for a in self.addresses if a != prefer]
+        ordered = [*first, *rest]
+        if self.is_up is None:
+            return ordered
+        up = self.is_up
+        return [a for a in ordered if up(a)] + [a for a in ordered if not up(a)]
+
+    async def put(
+        self,
+        body: bytes,
+        priority: int = DEFAULT_PRIORITY,
+        delay: int = 0,
+        ttr: int = 60,
+        prefer: str | None = None,
+    ) -> int:
         from uploader.retry import backoff_delays
 
         delays = backoff_delays(0.1, 5.0)
-        while True:
-            for _ in self.addresses:
-                address = self.addresses[self._next]
-                try:
-                    conn = await Connection.connect(address)
-                    await conn.use(self.tube)
-                    return conn
-                except ConnectionLost:
-                    self._next = (self._next + 1) % len(self.addresses)
-            await asyncio.sleep(next(delays))
-
-    async def put(self, body: bytes, priority: int = DEFAULT_PRIORITY, delay: int = 0, ttr: int = 60) -> int:
         async with self._lock:
             while True:
-                if self._conn is None or self._conn.closed:
-                    self._conn = await self._connect()
-                try:
-                    return await self._conn.put(body, priority, delay, ttr)
-                except ConnectionLost:
-                    self._conn = None
-                    self._next = (self._next + 1) % len(self.addresses)
+                for address in self.order(prefer):
+                    try:
+                        async with asyncio.timeout(self.timeout):
+                            conn = await self._conn(address)
+                            return await conn.put(body, priority, delay, ttr)
+                    except (ConnectionLost, TimeoutError):
+                        await self._forget(address)
+                await asyncio.sleep(next(delays))
+
+    async def _conn(self, address: str) -> Connection:
+        conn = self._conns.get(address)
+        if conn is None or conn.gone:
+            await self._forget(address)
+            conn = await Connection.connect(address, self.timeout)
+            try:
+                await conn.use(self.tube)
+            except BaseException:
+                await conn.close()
+                raise
+            self._conns[address] = conn
+        return conn
+
+    async def _forget(self, address: str) -> None:
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            await conn.close()
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for address in list(self._conns):
+            await self._forget(address)

@@ -51,6 +51,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 # --- commands ---
 
 
@@ -154,6 +164,15 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     retry.add_argument("--all", action="store_true", help="every buried job of every configured tube")
     retry.add_argument("jobs", nargs="*", metavar="ID")
     retry.set_defaults(func=jobctl.cmd_retry)
+
+    from uploader import recover as recover_mod
+
+    recover = sub.add_parser("recover", help="put again the jobs a lost beanstalkd stranded")
+    recover.add_argument("--config")
+    recover.add_argument("--older-than", type=_seconds, default=recover_mod.DEFAULT_OLDER_THAN, metavar="S",
+                         help="only jobs untouched this many seconds (default %(default)s)")
+    recover.add_argument("--dry-run", action="store_true", help="list them, put nothing")
+    recover.set_defaults(func=recover_mod.cmd_recover)
 
 
 def describe(exc: BaseException) -> tuple[str, int]:

@@ -2,7 +2,8 @@
 
 Signal handlers only set events or flip settings. The first SIGTERM/SIGINT starts the drain;
 a second one cuts the wait for in-flight uploads short (jobs are still released). SIGHUP
-reloads what can change live. systemd hears READY=1 once beanstalkd and Redis answer,
+reloads what can change live. systemd hears READY=1 once Redis, the store and at least
+one beanstalkd answer (a dead server is named in STATUS= and /readyz, and served when back),
 STATUS=/WATCHDOG=1 from a main-loop tick, RELOADING=1 around a reload and STOPPING=1 at drain.
 """
 
@@ -16,6 +17,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
+import redis.asyncio as aioredis
 import structlog
 
 from uploader import config as config_mod
@@ -25,11 +27,13 @@ from uploader.clock import SYSTEM, Time
 from uploader.config import Config
 from uploader.errors import ConfigError
 from uploader.health import Health, problem
+from uploader.heartbeat import Heartbeat
 from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
 from uploader.progress import Progress
 from uploader.scheduler import Scheduler
-from uploader.source import Monitor, Source
+from uploader.servers import Servers
+from uploader.source import Monitor, Source, connections_needed
 from uploader.stores import Store, open_store
 from uploader.tally import Summary
 
@@ -39,6 +43,7 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks f
 READY_POLL = 0.5  # seconds between dependency checks before READY=1
 TUBE_STATS_INTERVAL = 5.0  # seconds between stats-tube polls for uploader_tube_ready_jobs
 REDIS_CHECK_INTERVAL = 1.0  # seconds between PINGs that decide whether jobs are reserved
+SOURCE_CHECK_INTERVAL = 1.0  # seconds between probes of every beanstalkd (uploader_source_up)
 
 
 class Daemon:
@@ -62,15 +67,20 @@ class Daemon:
         self.progress = Progress(self.redis, self.keys, config.redis, self.worker)
         # Nothing is reserved before Redis and the store are proven to answer.
         self.health = Health("redis", "store", on_change=self._health_changed)
-        self.source = Source(config.source, time)
-        self.monitor = Monitor(
-            config.source.addresses, tuple(t.name for t in config.source.tubes), web.PROBE_TIMEOUT
-        )
+        addresses = config.source.addresses
+        self.servers = Servers(addresses, on_change=self._source_changed)
+        for address in addresses:
+            self.metrics.source_up.labels(address).set(0)
+        self.source = Source(config.source, time, self.servers)
+        # Under the API's own probe timeout, so a dead server is named rather than timed out.
+        self.monitor = Monitor(addresses, tuple(t.name for t in config.source.tubes),
+                               web.PROBE_TIMEOUT * 0.8, self.servers)
         completion_tube = config.source.completion_tube
-        self.producer = Producer(config.source.addresses, completion_tube) if completion_tube else None
-        completions = CompletionSink(self.progress, self.producer.put if self.producer else None)
+        self.producer = Producer(addresses, completion_tube, self.servers.up) if completion_tube else None
+        completions = CompletionSink(self.progress, self._announce if self.producer else None)
+        self.heartbeat = Heartbeat(self.redis, self.keys, self.worker, time)
         self.scheduler = Scheduler(config, self.source, self.store, self.redis, self.progress, self.metrics,
-                                   completions, health=self.health, time=time)
+                                   completions, health=self.health, time=time, worker=self.worker)
         self.notifier = sdnotify.Notifier()
         self.api = self._api()
         self.http = (
@@ -91,6 +101,7 @@ class Daemon:
             redis=self.probe_redis,
             keys=self.keys,
             token=self.config.http.token,
+            sources=self.servers.view,
         )
 
     # --- the whole life ---
@@ -121,6 +132,8 @@ class Daemon:
             concurrency=self.config.upload.concurrency,
             store=self.config.store.kind,
             http=self.config.http.listen or None,
+            beanstalkd=list(self.config.source.addresses),
+            connections_per_beanstalkd=connections_needed(self.config.source),
         )
 
     @contextlib.asynccontextmanager
@@ -131,8 +144,10 @@ class Daemon:
             side = [
                 tg.create_task(self._announce_ready(), name="ready"),
                 tg.create_task(self._tick(), name="status tick"),
-                tg.create_task(self._poll_tubes(), name="tube stats"),
-                tg.create_task(self._watch_redis(), name="redis check"),
+                tg.create_task(poll_tubes(self.monitor, self.metrics, self.time), name="tube stats"),
+                tg.create_task(watch_redis(self.probe_redis, self.health, self.time), name="redis check"),
+                tg.create_task(watch_sources(self.monitor, self.time), name="beanstalkd check"),
+                tg.create_task(self.heartbeat.run(), name="heartbeat"),
             ]
             try:
                 yield
@@ -141,6 +156,7 @@ class Daemon:
                     task.cancel()
 
     async def close(self) -> None:
+        await self.heartbeat.leave()
         if self.http is not None:
             await self.http.stop()
         if self.producer is not None:
@@ -200,14 +216,14 @@ class Daemon:
     # --- side tasks: they log and carry on, never end the daemon ---
 
     async def _announce_ready(self) -> None:
-        """READY=1 once beanstalkd, Redis and the store answer; until then STATUS says what is
-        missing."""
+        """READY=1 once Redis, the store and at least one beanstalkd answer; until then STATUS
+        says what is missing."""
         probes: dict[str, web.Probe] = {"beanstalkd": self.monitor.ping}
         warned = False
         while not self.stop.is_set():
             problems = {k: v for k, v in (await web.probe_all(probes)).items() if v is not None}
             problems.update(self.health.reasons())
-            if self.health.unchecked():  # the first verdicts are moments away: no false alarm
+            if self.health.unchecked() or self.servers.unchecked():  # verdicts are moments away
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(READY_POLL):
                         await self.health.wait_change()
@@ -240,24 +256,15 @@ class Daemon:
             status = f"STATUS={'draining: ' if self.stop.is_set() else ''}{self._status_text(rate)}"
             self.notifier.send(status, *(["WATCHDOG=1"] if watchdog else []))
 
-    async def _poll_tubes(self) -> None:
-        """Fill uploader_tube_ready_jobs{tube}: how much work waits, for dashboards and scaling."""
-        while True:
-            try:
-                async with asyncio.timeout(max(1.0, TUBE_STATS_INTERVAL)):
-                    counts = await self.monitor.ready_jobs()
-                for tube, ready in counts.items():
-                    self.metrics.tube_ready.labels(tube).set(ready)
-            except Exception as exc:  # noqa: BLE001 - a metric is never worth stopping the daemon for
-                log.debug("tube_stats_failed", error=repr(exc))
-            await self.time.sleep(TUBE_STATS_INTERVAL)
+    def _source_changed(self, address: str, up: bool) -> None:
+        self.metrics.source_up.labels(address).set(1 if up else 0)
+        if self.ready and not self.stop.is_set():
+            self.notifier.status(self._status_text())
 
-    async def _watch_redis(self) -> None:
-        """PING Redis every REDIS_CHECK_INTERVAL: while it does not answer, nothing is reserved
-        (held jobs wait for it where they are)."""
-        while True:
-            self.health.judge("redis", await problem(self.probe_redis.ping, web.PROBE_TIMEOUT))
-            await self.time.sleep(REDIS_CHECK_INTERVAL)
+    async def _announce(self, body: bytes, address: str) -> int:
+        """A completion message, to the server that held the job while it answers."""
+        assert self.producer is not None
+        return await self.producer.put(body, prefer=address)
 
     def _health_changed(self) -> None:
         """Say at once why work stopped or that it goes on: systemd's STATUS= line, a gauge."""
@@ -270,7 +277,7 @@ class Daemon:
     # --- what the API and STATUS= show ---
 
     async def _ping_redis(self) -> None:
-        await self.probe_redis.ping()
+        await redisio.writable(self.probe_redis)
 
     def _settled(self) -> int:
         return self.scheduler.snapshot().settled
@@ -280,6 +287,9 @@ class Daemon:
         text = f"{len(now.jobs)} active jobs, {now.inflight} uploads in flight"
         if not self.health.ok:
             text = f"taking no work: {self.health.describe()}; {text}"
+        down = self.servers.failing()
+        if down:
+            text = f"{text}; beanstalkd down: {', '.join(down)}"
         return text if rate is None else f"{text}, {rate:.1f} files/s"
 
     def active_jobs(self) -> list[dict[str, object]]:
@@ -305,3 +315,36 @@ def _signal_handlers(handlers: Mapping[signal.Signals, Callable[[], None]]) -> I
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+# --- side tasks: they log and carry on, never end the daemon ---
+
+
+async def poll_tubes(monitor: Monitor, metrics: Metrics, time: Time) -> None:
+    """Fill uploader_tube_ready_jobs{tube}: how much work waits, for dashboards and scaling."""
+    while True:
+        try:
+            async with asyncio.timeout(max(1.0, TUBE_STATS_INTERVAL)):
+                counts = await monitor.ready_jobs()
+            for tube, ready in counts.items():
+                metrics.tube_ready.labels(tube).set(ready)
+        except Exception as exc:  # noqa: BLE001 - a metric is never worth stopping the daemon for
+            log.debug("tube_stats_failed", error=repr(exc))
+        await time.sleep(TUBE_STATS_INTERVAL)
+
+
+async def watch_redis(redis: aioredis.Redis, health: Health, time: Time) -> None:
+    """PING Redis every REDIS_CHECK_INTERVAL: while it does not answer, nothing is reserved
+    (held jobs wait for it where they are)."""
+    while True:
+        health.judge("redis", await problem(lambda: redisio.writable(redis), web.PROBE_TIMEOUT))
+        await time.sleep(REDIS_CHECK_INTERVAL)
+
+
+async def watch_sources(monitor: Monitor, time: Time) -> None:
+    """Probe every beanstalkd each SOURCE_CHECK_INTERVAL: uploader_source_up, /readyz and
+    STATUS= follow (the Source reports its own connections as it goes)."""
+    while True:
+        with contextlib.suppress(Exception):  # the verdicts are recorded; none is all-down
+            await monitor.ping()
+        await time.sleep(SOURCE_CHECK_INTERVAL)

@@ -56,13 +56,14 @@ class Server:
     port: int
     workdir: str
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    quiet: bool = False  # output to /dev/null (a full beanstalkd logs every failed accept)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Server:
-        log = open(os.path.join(self.workdir, "server.log"), "ab")  # noqa: SIM115
+        log = open(os.devnull if self.quiet else os.path.join(self.workdir, "server.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
         wait_for_port(self.port, proc=self.proc)
@@ -81,13 +82,18 @@ class Server:
         self.proc = None
 
 
-def beanstalkd(port: int | None = None, binlog: bool = False, max_job_size: int = 65535) -> Server:
+def beanstalkd(
+    port: int | None = None, binlog: bool = False, max_job_size: int = 65535, nofile: int | None = None
+) -> Server:
+    """`nofile` caps its open files (with util-linux's prlimit), to see a full server."""
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="beanstalkd-")
     argv = [require("beanstalkd"), "-l", "127.0.0.1", "-p", str(port), "-z", str(max_job_size)]
     if binlog:
         argv += ["-b", workdir]
-    return Server(argv, port, workdir)
+    if nofile is not None:
+        argv = [require("prlimit"), f"--nofile={nofile}:{nofile}", *argv]
+    return Server(argv, port, workdir, quiet=nofile is not None)
 
 
 def redis(port: int | None = None, aof: bool = False) -> Server:

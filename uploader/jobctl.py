@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
+from uploader import placement
 from uploader.beanstalk import BeanstalkError, Connection, ConnectionLost, NotFound
 from uploader.clicommon import (
     NO,
@@ -73,16 +74,22 @@ def _entry(index: int, path: str) -> str:
     return full
 
 
-async def _producer(config: Config, tube: str) -> Connection:
-    """The first configured beanstalkd that answers, using `tube`; checked before Redis is written."""
+async def _producer(config: Config, tube: str, job_id: str) -> Connection:
+    """The job's beanstalkd by the placement rule (a stable hash of its ID picks the first
+    choice, then the next one that answers), using `tube`; checked before Redis is written."""
     failure: ConnectionLost | None = None
-    for address in config.source.addresses:
+    for address in placement.order(job_id, config.source.addresses):
         try:
             conn = await connect(address)
         except ConnectionLost as exc:
             failure = exc
             continue
-        await within(conn, conn.use(tube))
+        try:
+            await within(conn, conn.use(tube))
+        except ConnectionLost as exc:  # accepted, then no answer: a full server, say
+            await conn.close()
+            failure = exc
+            continue
         return conn
     assert failure is not None
     raise failure
@@ -98,7 +105,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     entries = [_entry(i, p) for i, p in enumerate(args.paths)]
 
     async def main() -> int:
-        conn = await _producer(config, tube)
+        conn = await _producer(config, tube, job_id)
         try:
             async with redis_keys(config) as (redis, keys):
                 await _refuse_unfinished(redis, keys, job_id)

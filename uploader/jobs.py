@@ -22,6 +22,7 @@ from uploader.cancelflags import CancelFlags
 from uploader.clock import SYSTEM, Time
 from uploader.errors import BadJobError
 from uploader.health import Health
+from uploader.heartbeat import hand_back
 from uploader.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
 from uploader.progress import Counts, Delivery, Progress, State
 from uploader.redisio import Keys
@@ -119,19 +120,22 @@ class JobRun:
             self.idle.set()
 
 
-_Put = Callable[[bytes], Awaitable[int]]
+_Put = Callable[[bytes, str], Awaitable[int]]
 
 
 class CompletionSink:
-    """Announces finished jobs: the completion tube and the Redis events channel."""
+    """Announces finished jobs: the completion tube and the Redis events channel.
+
+    `put(body, address)` gets the address of the server that held the job: the message goes
+    there, or to another live server when that one does not answer (README: Completion)."""
 
     def __init__(self, progress: Progress, put: _Put | None) -> None:
         self._progress = progress
         self._put = put
 
-    async def announce(self, message: dict[str, object]) -> None:
+    async def announce(self, message: dict[str, object], address: str = "") -> None:
         if self._put is not None:
-            await self._put(json.dumps(message, separators=(",", ":")).encode())
+            await self._put(json.dumps(message, separators=(",", ":")).encode(), address)
         await self._progress.publish(message)
 
 
@@ -146,6 +150,7 @@ class Jobs:
     health: Health
     feed: Callable[[JobRun], Coroutine[object, object, None]]  # hands a job's files on, page by page
     time: Time = SYSTEM
+    worker: str = ""  # as the progress hash's `worker` field names this daemon
     ring: Ring[JobRun] = field(init=False, default_factory=Ring)
     wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # the ring may have files
     runs: dict[str, JobRun] = field(init=False, default_factory=dict)
@@ -227,10 +232,7 @@ class Jobs:
         if await self._begin(run):
             await self._serve(run)
         if run.lost:
-            await self.progress.flush()
-            log.warning("job_lost", reason="beanstalkd connection lost; the job is back in its tube",
-                        **_fields(run.counts))
-            await self.source.abandon(run.held)
+            await self._lost(run, "beanstalkd connection lost; the job is back in its tube")
         elif run.complete or run.cancelled:
             await self._finish(run)
         elif not run.held.settled:
@@ -291,14 +293,12 @@ class Jobs:
         try:
             await self.source.touch(run.held)
         except ReservationLost as exc:
-            await self.progress.flush()
-            log.warning("job_lost", reason="reservation lost before the job finished", error=str(exc))
-            await self.source.abandon(run.held)
+            await self._lost(run, f"reservation lost before the job finished: {exc}")
             return
         seconds = self.time.monotonic() - run.started
         c = run.counts
         message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, total=run.total)
-        await self.completions.announce(message)
+        await self.completions.announce(message, run.held.address)
         state = cast(State, message["state"])
         await self.source.settle(run.held, "bury" if state == "failed" else "delete")
         self.tally.finished(state)
@@ -307,6 +307,17 @@ class Jobs:
             failed=c.failed, bytes=c.bytes, seconds=round(seconds, 3),
             files_per_second=round(c.settled / seconds, 1) if seconds > 0 else None,
         )
+
+    async def _lost(self, run: JobRun, reason: str) -> None:
+        """The job is beanstalkd's again (or gone with its server): save what was done, and
+        hand the run back (`queued`, with a note), so no hash says `running` for nobody."""
+        await self.progress.flush()
+        log.warning("job_lost", reason=reason, beanstalkd=run.held.address, **_fields(run.counts))
+        await self.source.abandon(run.held)
+        now = int(self.time.wall())
+        note = (f"run by {self.worker} stopped at {now}: {reason} (beanstalkd {run.held.address}, "
+                f"job {run.held.id}); `uploader recover` puts it again if that server lost it")
+        await hand_back(self.redis, self.keys, run.id, self.worker, run.held.address, run.held.id, now, note)
 
     async def _keep_alive(self, run: JobRun) -> None:
         """Keep the reservation; once it is lost, stop handing out the job's files."""

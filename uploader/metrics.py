@@ -38,6 +38,10 @@ class Metrics:
         self.tube_ready = Gauge(
             "uploader_tube_ready_jobs", "Ready jobs per watched tube.", ["tube"], registry=r
         )
+        self.source_up = Gauge(
+            "uploader_source_up", "1 while this beanstalkd server answers and can be reserved from.",
+            ["server"], registry=r,
+        )
         self.reloads = Counter(
             "uploader_config_reloads", "SIGHUP reloads, by result (ok, refused).", ["result"], registry=r
         )

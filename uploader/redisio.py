@@ -171,6 +171,21 @@ def describe(config: RedisConfig) -> str:
     return f"Redis at {url}"
 
 
+async def writable(client: aioredis.Redis) -> None:
+    """Raise unless Redis takes writes: it answers, and (off a cluster, whose client routes to
+    masters itself) as a master, not as a replica or a demoted master that refuses them."""
+    if is_cluster(client):
+        await client.ping()
+        return
+    try:
+        role = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+    except redis.exceptions.ResponseError:  # ROLE not allowed to this user (ACL): PING must do
+        await client.ping()
+        return
+    if role[0] not in (b"master", "master"):
+        raise redis.exceptions.ReadOnlyError("Redis answers as a replica: writes are refused (READONLY)")
+
+
 def is_cluster(client: aioredis.Redis) -> bool:
     return isinstance(client, RedisCluster)
 

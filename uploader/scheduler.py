@@ -102,6 +102,7 @@ class Scheduler:
         retry: RetryPolicy | None = None,
         health: Health | None = None,
         time: Time = SYSTEM,
+        worker: str = "",
     ) -> None:
         upload = config.upload
         self.config = config
@@ -120,7 +121,7 @@ class Scheduler:
         keys = Keys(config.redis.key_prefix)
         feeder = Feeder(config, redis, keys, progress, self.tally)
         self.jobs = Jobs(
-            source, redis, keys, progress, self.tally, completions, self.health, feeder.feed, time
+            source, redis, keys, progress, self.tally, completions, self.health, feeder.feed, time, worker
         )
         self.store = StoreWatch(store, self.health, time)
         self.room = asyncio.Semaphore(config.source.max_active_jobs)

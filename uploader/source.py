@@ -17,6 +17,12 @@ most urgent job of any watched tube. So each tube also gets connections that wat
 the tubes are tried in smooth weighted round-robin order with `reserve-with-timeout 0`, and
 only when none has a ready job does a blocking reserve on all of them wait for the next one.
 With one tube, or equal weights, there is only the blocking reserve: no extra round trip.
+
+Several servers: one reserver each. A reserver holds an active-job slot only for one reserve
+round on a connection that works; while its server is down it waits for it (with backoff)
+holding none, so a dead server costs the others nothing, and its jobs are taken as soon as it
+answers again. Each pool keeps at most one idle connection, so a daemon needs at most
+`max_active_jobs` + a few connections per server (`connections_needed`).
 """
 
 from __future__ import annotations
@@ -35,15 +41,19 @@ from uploader.beanstalk import (
     Connection,
     ConnectionLost,
     NotFound,
-    connect_with_backoff,
 )
 from uploader.clock import SYSTEM, Time
 from uploader.config import SourceConfig
+from uploader.retry import backoff_delays
+from uploader.servers import Servers, closed_at_once, no_answer
 
 log = structlog.get_logger("uploader.source")
 
 RESERVE_TIMEOUT = 2  # seconds; also how often a quiet connection proves it is alive
 RESERVE_BACKOFF = 1.0  # seconds after an error reply, so a sick server is not hammered
+CONNECT_TIMEOUT = 3.0  # seconds to connect, and again for the first reply (the handshake)
+REPLY_GRACE = 5.0  # seconds a reserve may overrun its own timeout before the server counts as hung
+RETRY_FIRST, RETRY_CAP = 0.1, 2.0  # seconds between attempts on a server that is down
 
 Settle = Literal["delete", "bury", "release"]
 
@@ -103,8 +113,16 @@ class TubeOrder:
 ALL = ""  # the pool of connections that watch every configured tube
 
 
+def connections_needed(config: SourceConfig) -> int:
+    """Connections one daemon may open to each beanstalkd at most: one per held job, one idle
+    per reserving pool (all tubes, and each tube alone when weights differ), the probe's and the
+    completion producer's. A fleet needs this times its daemons, per server."""
+    weighted = len({t.weight for t in config.tubes}) > 1
+    return config.max_active_jobs + 1 + (len(config.tubes) if weighted else 0) + 2
+
+
 class Source:
-    def __init__(self, config: SourceConfig, time: Time = SYSTEM) -> None:
+    def __init__(self, config: SourceConfig, time: Time = SYSTEM, servers: Servers | None = None) -> None:
         self.config = config
         self._time = time
         self._weights = {t.name: t.weight for t in config.tubes}
@@ -113,36 +131,56 @@ class Source:
         self._idle: dict[tuple[str, str], list[Connection]] = {}
         self._pool: dict[Connection, tuple[str, str]] = {}
         self._order = {a: TubeOrder(self._weights) for a in config.addresses}
-        self.connected: dict[str, bool] = dict.fromkeys(config.addresses, False)
+        self.servers = servers or Servers(config.addresses)
 
-    async def _connection(self, address: str, tube: str = ALL) -> Connection:
+    @property
+    def connected(self) -> dict[str, bool]:
+        """Per server: its last reserving connection works."""
+        return {a: self.servers.connected(a) for a in self.config.addresses}
+
+    async def _connection(self, address: str, tube: str = ALL, wait: bool = True) -> Connection:
+        """An idle connection of the pool, else a new one; `wait` retries with backoff while the
+        server is down, else one attempt (ConnectionLost)."""
         idle = self._idle.setdefault((address, tube), [])
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if not conn.gone:
                 return conn
-            self._pool.pop(conn, None)
-
-        def retrying(exc: ConnectionLost, delay: float) -> None:
-            self.connected[address] = False
-            log.warning("beanstalkd_unavailable", address=address, error=str(exc), retry_in=round(delay, 2))
-
+            await self._drop(conn)
+        delays = backoff_delays(RETRY_FIRST, RETRY_CAP)
         while True:
-            conn = await connect_with_backoff(address, on_retry=retrying)
-            watched = list(self._weights) if tube == ALL else [tube]
             try:
+                conn = await self._open(address, tube)
+            except ConnectionLost as exc:
+                self.servers.reserving(address, str(exc))
+                if not wait:
+                    raise
+                await asyncio.sleep(next(delays))
+                continue
+            self.servers.reserving(address, None)
+            self._pool[conn] = (address, tube)
+            return conn
+
+    async def _open(self, address: str, tube: str) -> Connection:
+        """Connect and watch, each under CONNECT_TIMEOUT; a server that accepts and then says
+        nothing, or closes at once, is told apart (a full server does that)."""
+        conn = await Connection.connect(address, timeout=CONNECT_TIMEOUT)
+        watched = list(self._weights) if tube == ALL else [tube]
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
                 for name in watched:
                     await conn.watch(name)
                 if "default" not in watched:
                     await conn.ignore("default")
-            except ConnectionLost:
-                continue
-            except BaseException:
-                await conn.close()
-                raise
-            self.connected[address] = True
-            self._pool[conn] = (address, tube)
-            return conn
+        except TimeoutError:
+            await conn.close()
+            raise ConnectionLost(no_answer(address, CONNECT_TIMEOUT)) from None
+        except ConnectionLost as exc:
+            raise ConnectionLost(closed_at_once(address, str(exc).rsplit(": ", 1)[-1])) from None
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     async def reserve_forever(
         self,
@@ -152,29 +190,31 @@ class Source:
         clear: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Reserve a job whenever there is room for one (and `clear` returns: no outage keeps
-        the daemon from working), hand it over, repeat until cancelled.
+        the daemon from working), hand it over, repeat until cancelled. A slot is held only for
+        one reserve round on a server that answers: a dead server holds none.
 
         Cancelling this coroutine closes the connection it was reserving on, so a job the server
         handed out in that instant goes back to ready rather than being stranded.
         """
         while True:
+            await self._until_up(address)  # first: whether the server answers is worth knowing
+            if clear is not None:
+                await clear()
             await room.acquire()
             handed_over = False
             try:
-                job = await self._reserve_one(address, clear)
-                handed_over = True
-                await on_job(job)
+                job = await (self._reserve_weighted(address) if self._weighted else self._reserve(address))
+                if job is not None:
+                    handed_over = True
+                    await on_job(job)
             finally:
                 if not handed_over:
                     room.release()
 
-    async def _reserve_one(self, address: str, clear: Callable[[], Awaitable[None]] | None) -> HeldJob:
-        while True:
-            if clear is not None:
-                await clear()
-            job = await (self._reserve_weighted(address) if self._weighted else self._reserve(address))
-            if job is not None:
-                return job
+    async def _until_up(self, address: str) -> None:
+        """Until the server answers, holding no slot: an idle connection is ready for the round."""
+        conn = await self._connection(address, ALL)
+        self._idle[address, ALL].append(conn)
 
     async def _reserve_weighted(self, address: str) -> HeldJob | None:
         """Try each tube alone, in weighted order, without waiting; then wait on all of them."""
@@ -192,18 +232,25 @@ class Source:
         return job
 
     async def _reserve(self, address: str, tube: str = ALL, timeout: int = RESERVE_TIMEOUT) -> HeldJob | None:
-        """One reserve on a connection watching `tube` (or all); None if nothing came."""
-        conn = await self._connection(address, tube)
+        """One reserve on a connection watching `tube` (or all); None if nothing came, or the
+        server is gone (then the round ends and the reserver waits for it holding no slot)."""
         try:
-            job = await conn.reserve(timeout)
-            if job is None:
-                self._idle[address, tube].append(conn)
-                return None
-            stats = await conn.stats_job(job.id)
-        except ConnectionLost as exc:
-            self.connected[address] = False
-            self._pool.pop(conn, None)
-            log.warning("beanstalkd_connection_lost", address=address, error=str(exc))
+            conn = await self._connection(address, tube, wait=False)
+        except ConnectionLost:
+            return None
+        try:
+            async with asyncio.timeout(timeout + REPLY_GRACE):
+                job = await conn.reserve(timeout)
+                if job is None:
+                    await self._keep_idle(conn, (address, tube))
+                    return None
+                stats = await conn.stats_job(job.id)
+        except (ConnectionLost, TimeoutError) as exc:
+            reason = (str(exc) if isinstance(exc, ConnectionLost)
+                      else no_answer(address, timeout + REPLY_GRACE))
+            self.servers.reserving(address, reason)
+            await self._drop(conn)
+            log.warning("beanstalkd_connection_lost", address=address, error=reason)
             return None
         except BeanstalkError as exc:
             # DEADLINE_SOON, OUT_OF_MEMORY and the like: drop the connection, start afresh.
@@ -277,7 +324,16 @@ class Source:
         if pool is None:  # not one of ours (or already dropped): nothing to reuse
             await job.conn.close()
         else:
-            self._idle.setdefault(pool, []).append(job.conn)
+            await self._keep_idle(job.conn, pool)
+
+    async def _keep_idle(self, conn: Connection, pool: tuple[str, str]) -> None:
+        """Back to its pool for the next reserve; one idle connection per pool is enough (the
+        reserver takes one at a time), so the rest are closed: the connection budget holds."""
+        idle = self._idle.setdefault(pool, [])
+        if idle:
+            await self._drop(conn)
+        else:
+            idle.append(conn)
 
     async def abandon(self, job: HeldJob) -> None:
         """Close the job's connection: the server puts the job back to ready by itself."""
@@ -302,24 +358,48 @@ class Monitor:
     Kept apart from the Source's connections so that a probe never waits behind a reserve.
     """
 
-    def __init__(self, addresses: tuple[str, ...], tubes: tuple[str, ...], timeout: float) -> None:
+    def __init__(
+        self,
+        addresses: tuple[str, ...],
+        tubes: tuple[str, ...],
+        timeout: float,
+        servers: Servers | None = None,
+    ) -> None:
         self.addresses = addresses
         self.tubes = tubes
         self.timeout = timeout
+        self.servers = servers or Servers(addresses)
         self._conns: dict[str, Connection] = {}
-        self._connecting = asyncio.Lock()  # the probe and the stats poll may both ask first
+        # Per server: the probe and the stats poll may both ask first; a dead one delays no other.
+        self._connecting = {a: asyncio.Lock() for a in addresses}
 
     async def _conn(self, address: str) -> Connection:
-        async with self._connecting:
+        async with self._connecting[address]:
             conn = self._conns.get(address)
-            if conn is None or conn.closed:
+            if conn is None or conn.gone:
+                if conn is not None:
+                    await conn.close()
+                    del self._conns[address]
                 conn = self._conns[address] = await Connection.connect(address, timeout=self.timeout)
             return conn
 
     async def ping(self) -> None:
-        """Raise unless every configured beanstalkd answers."""
-        for address in self.addresses:
-            await (await self._conn(address)).stats()
+        """Probe every server at once; raise unless at least one of them can be used."""
+        await asyncio.gather(*(self._probe(a) for a in self.addresses))
+        if not self.servers.any_up():
+            down = "; ".join(f"{a}: {why}" for a, why in self.servers.down().items())
+            raise ConnectionLost(f"no beanstalkd answers ({down})")
+
+    async def _probe(self, address: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await (await self._conn(address)).stats()
+        except TimeoutError:
+            self.servers.probed(address, no_answer(address, self.timeout))
+        except (BeanstalkError, ValueError) as exc:
+            self.servers.probed(address, str(exc))
+        else:
+            self.servers.probed(address, None)
 
     async def ready_jobs(self) -> dict[str, int]:
         """Ready jobs per watched tube, summed over the servers that answer."""

@@ -54,6 +54,7 @@ class Api:
         redis: aioredis.Redis,
         keys: Keys,
         token: str = "",
+        sources: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
     ) -> None:
         self.registry = registry
         self.probes = probes
@@ -63,6 +64,7 @@ class Api:
         self.redis = redis
         self.keys = keys
         self.token = token.encode()
+        self.sources = sources
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -110,6 +112,9 @@ class Api:
         paused = dict(self.paused())
         ready = not draining and not paused and all(problem is None for problem in results.values())
         body = {"ready": ready, "draining": draining, "paused": paused, "checks": checks}
+        sources = {address: dict(view) for address, view in self.sources().items()}
+        if sources:  # each beanstalkd: one that is down is named; ready needs at least one up
+            body["sources"] = sources
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
