@@ -159,6 +159,8 @@ async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Pa
         assert code == 1, err  # finished: nothing to cancel
         code, out, err = await run_cli(config, "failed")
         assert code == 0, err
+        code, out, err = await run_cli(config, "recover", "--dry-run", "--older-than", "0")
+        assert code == 0, err  # SCAN over every master
         # Enqueue again: the reset deletes keys of several slots, one DEL each.
         code, out, err = await run_cli(config, "enqueue", "--job", job_id, "--wait", *paths)
         assert code == 0, err

@@ -29,22 +29,19 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 from redis.asyncio.client import Pipeline
-from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
 from uploader.errors import BadJobError
-from uploader.progresslua import APPLY, FINISH, REASONS, START, Batch, Ledger, Lua
+from uploader.finalwrite import LIST_LABEL, FinalWrite
+from uploader.finalwrite import State as State
+from uploader.progresslua import APPLY_SCRIPT, SCRIPTS, START_SCRIPT, Batch, Ledger
 from uploader.redisio import Keys, is_cluster, text, until_done
 
 log = structlog.get_logger("uploader.progress")
 
-State = Literal["queued", "running", "done", "failed", "cancelled"]
 Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
-RECENT_JOBS = 500  # finished jobs listed for operators, newest first
-FAILED_JOBS = 10_000  # failed jobs kept for `uploader failed` and `retry`
 COMPLETION_COUNTS = ("total", "uploaded", "skipped", "failed", "bytes")  # in completion messages
-LIST_LABEL = "<files list>"  # where a job-level failure's reason is kept in the failed hash
 
 # Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
 # whole seconds, and each daemon reads it with its own clock.
@@ -55,8 +52,6 @@ OVERLAP_WINDOW = 30
 # the interval's write waits, up to SPARSE_WAIT intervals (and at most a second longer).
 PER_JOB_BATCH = 256
 SPARSE_WAIT = 10
-# How long the final write waits for a replica to acknowledge it (Sentinel mode).
-REPLICA_WAIT_MS = 2000
 
 Start = Literal["fresh", "resume", "cancelled"]
 
@@ -108,6 +103,7 @@ class Progress:
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._stopping = False
+        self._final = FinalWrite(redis, keys, config, self._write, self._scripted)
 
     def record(
         self, job_id: str, index: int, outcome: Outcome, nbytes: int = 0, label: str = "", reason: str = ""
@@ -198,7 +194,7 @@ class Progress:
         jobs = list(batch.items())
 
         replies = await self._scripted(lambda pipe: [
-            _APPLY(pipe, self._apply_keys(job_id), outcomes.args(now)) for job_id, outcomes in jobs
+            APPLY_SCRIPT(pipe, self._apply_keys(job_id), outcomes.args(now)) for job_id, outcomes in jobs
         ])
         async with self._redis.pipeline(transaction=False) as pipe:
             for (job_id, outcomes), (taken, recorded, _) in zip(jobs, replies, strict=True):
@@ -221,7 +217,7 @@ class Progress:
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
-                for script in (_APPLY, _START, _FINISH, _REASONS):
+                for script in SCRIPTS:
                     await script.load(self._redis)
         raise AssertionError("unreachable")
 
@@ -257,7 +253,7 @@ class Progress:
         keys = self._script_keys(job_id) + (list(self._keys.legacy(job_id)) if self._legacy else [])
         args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK, OVERLAP_WINDOW]
         reply, _ = await until_done(lambda: self._scripted(lambda pipe: [
-            _START(pipe, keys, args),
+            START_SCRIPT(pipe, keys, args),
             pipe.delete(self._keys.failed(job_id)),
         ]), "start job")
         mode, *rest = (text(part) for part in reply)
@@ -313,74 +309,6 @@ class Progress:
         counts = {name: int(stored.get(name.encode(), 0)) for name in COMPLETION_COUNTS}
         return {"id": job_id, "state": text(stored[b"state"]), **counts, "seconds": round(seconds, 3)}
 
-    async def _final(
-        self, job_id: str, ledger: Ledger, cancelled: bool, total: int | None
-    ) -> dict[bytes, bytes]:
-        k = self._keys
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(k.marks(job_id))
-            pipe.hget(k.job(job_id), "failed")
-            pipe.hget(k.failed(job_id), LIST_LABEL)
-            pipe.exists(k.failed(job_id))
-            bitmap, failed, list_reason, had_reasons = await pipe.execute()
-        if missing := ledger.missing(bitmap or b""):
-            (failed,) = await self._write({job_id: missing})
-        state: State = "cancelled" if cancelled else (
-            "failed" if int(failed or 0) > 0 or list_reason is not None else "done"
-        )
-        ttl, now = self._config.progress_ttl, int(time.time())
-        args: list[EncodableT] = [state, now, ttl, "" if total is None else total]
-        stored, failing = (await self._scripted(lambda pipe: self._settle(pipe, job_id, state, args)))[0]
-        if failing or had_reasons:
-            await self._rebuild_reasons(job_id, failing, list_reason)
-        if self._config.mode == "sentinel":
-            await self._replicated(job_id)
-        return dict(zip(stored[0::2], stored[1::2], strict=True))
-
-    def _settle(self, pipe: Pipeline, job_id: str, state: State, args: list[EncodableT]) -> None:
-        k = self._keys
-        _FINISH(pipe, self._script_keys(job_id), args)
-        pipe.expire(k.failed(job_id), self._config.progress_ttl)
-        # The flag was for this run, whether it saw it or not: never for a later one.
-        pipe.delete(k.cancel(job_id))
-        if self._config.files_ttl:
-            pipe.expire(k.files(job_id), self._config.files_ttl)
-        self._index(pipe, job_id, state, cast(int, args[1]))
-
-    async def _rebuild_reasons(self, job_id: str, failing: list[bytes], list_reason: bytes | None) -> None:
-        """The failed hash made exactly the failing entries' reasons (and the list's own):
-        written beside the script, it can miss a change when runs overlap or a write is lost."""
-        reasons = dict(value.split(b"\0", 1) for value in failing)
-        if list_reason is not None:
-            reasons[LIST_LABEL.encode()] = list_reason
-        args: list[EncodableT] = [self._config.progress_ttl]
-        for label, reason in reasons.items():
-            args += (label, reason)
-        await self._scripted(lambda pipe: _REASONS(pipe, [self._keys.failed(job_id)], args))
-
-    async def _replicated(self, job_id: str) -> None:
-        """Wait until a replica has the final write, so a failover now cannot take it back.
-        A replica that does not answer in time is logged, not waited for forever."""
-        copies = await self._redis.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
-        if not copies:
-            log.warning("finish_not_replicated", job_id=job_id, waited_ms=REPLICA_WAIT_MS,
-                        reason="no replica acknowledged the final write; a failover now may lose it")
-
-    def _index(self, pipe: Pipeline, job_id: str, state: State, now: int) -> None:
-        """Keep the bounded lists of finished and failed jobs that operators read (`/jobs`,
-        `uploader failed`): newest first, trimmed by count and by age, expiring when idle."""
-        ttl = self._config.progress_ttl
-        lists = [(self._keys.finished_jobs, RECENT_JOBS)]
-        if state == "failed":
-            lists.append((self._keys.failed_jobs, FAILED_JOBS))
-        else:
-            pipe.zrem(self._keys.failed_jobs, job_id)
-        for name, keep in lists:
-            pipe.zadd(name, {job_id: now})
-            pipe.zremrangebyrank(name, 0, -keep - 1)
-            pipe.zremrangebyscore(name, "-inf", now - ttl)
-            pipe.expire(name, ttl)
-
     async def publish(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":"))
         await until_done(lambda: self._redis.publish(self._keys.events, payload), "publish")
@@ -391,4 +319,3 @@ def _wrong_type(key: str, found: str) -> str:
             "delete it or use another job ID")
 
 
-_APPLY, _START, _FINISH, _REASONS = Lua(APPLY), Lua(START), Lua(FINISH), Lua(REASONS)

@@ -278,3 +278,7 @@ class Ledger:
         for index, (label, reason) in self.failures.items():
             batch.failures += (index, label, reason)
         return batch
+
+
+APPLY_SCRIPT, START_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT = Lua(APPLY), Lua(START), Lua(FINISH), Lua(REASONS)
+SCRIPTS = (APPLY_SCRIPT, START_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT)
