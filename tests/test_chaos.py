@@ -36,6 +36,7 @@ from tests.helpers import (
     write_config,
 )
 from uploader import devservers
+from uploader.beanstalk import Connection
 from uploader.devservers import free_port
 
 MiB = 1024 * 1024
@@ -563,10 +564,14 @@ async def test_a_job_whose_ttr_runs_out_mid_run_is_counted_once(
     second daemon while the first is still uploading; both runs upload, each file counts once."""
     proxy.add(Rule("delay", methods=frozenset({"PUT"}), delay=0.05))
     job_id = f"ttr-{env.tag}"
-    await env.push_job(job_id, two_sizes(env, 400), ttr=2)
+    beanstalk_id = await env.push_job(job_id, two_sizes(env, 400), ttr=2)
     late = {"upload": {"concurrency": 2}, "source": {"max_active_jobs": 1, "min_touch_interval": 6.0}}
     first = daemons.start(chaos_config(env, proxy, bucket, **late))
     await wait_until(lambda: uploaded_at_least(env, job_id, 10), 30, "the first run under way")
+    # beanstalkd 1.12 enforces a TTR late (or not at all) while another connection waits in
+    # reserve-with-timeout, so the second daemon starts once the job is ready again.
+    conn = await env.conn()
+    await wait_until(lambda: _job_state_is(conn, beanstalk_id, "ready"), 20, "beanstalkd timing the job out")
     second = daemons.start(chaos_config(env, proxy, bucket, name="second.toml",
                                         upload={"concurrency": 2}, source={"max_active_jobs": 1}))
     await second.wait_event("job_started", 15)  # the TTR ran out: the job is the second's too
@@ -576,3 +581,7 @@ async def test_a_job_whose_ttr_runs_out_mid_run_is_counted_once(
     await assert_counted_as_stored(env, s3, bucket, job_id, 400)
     assert second.events("job_run_overlap"), "a second run began and nothing said so"
     assert first.stop() == 0 and second.stop() == 0
+
+
+async def _job_state_is(conn: Connection, job: int, state: str) -> bool:
+    return (await conn.stats_job(job)).get("state") == state

@@ -273,3 +273,65 @@ async def test_a_second_run_starting_while_another_writes_progress_is_logged(dir
     with structlog.testing.capture_logs() as logged:
         await b.start("job", 3)
     assert not [e for e in logged if e["event"] == "job_run_overlap"]
+
+
+async def test_a_sparse_batch_and_its_resend_count_each_entry_once(direct: aioredis.Redis) -> None:
+    """Entries far apart in one batch take the bit-by-bit path (no megabyte bitmap): the same
+    counts, also when the batch arrives twice and partly overlaps an earlier one."""
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    progress = Progress(direct, keys, RedisConfig(), "a:1")
+    await progress.start("job", 2_000_001)
+    for index in (0, 7, 1_000_000, 2_000_000):
+        progress.record("job", index, "uploaded", 10)
+    progress.record("job", 500_000, "skipped")
+    await progress.flush()
+    for index in (7, 2_000_000, 3):  # two sent again, one new
+        progress.record("job", index, "uploaded", 10)
+    await progress.flush()
+    state = await direct.hgetall(keys.job("job"))
+    assert (state[b"uploaded"], state[b"skipped"], state[b"bytes"]) == (b"5", b"1", b"50")
+    assert await direct.bitcount(keys.marks("job")) == 6
+    assert await direct.strlen(keys.marks("job")) == 2_000_000 // 8 + 1
+
+
+async def test_a_job_half_done_under_the_old_key_names_resumes_from_its_marks(direct: aioredis.Redis) -> None:
+    """The upgrade path: marks, walk digests and failures kept under 0.4's names are renamed
+    when the job starts again, so nothing is uploaded again or counted twice."""
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    old_marks, old_walk, old_failing, old_applied = keys.legacy("job")
+    await direct.hset(keys.job("job"), mapping={"state": "running", "total": 4, "uploaded": 2, "skipped": 0,
+                                                "failed": 0, "bytes": 20, "started_at": 1, "updated_at": 1})
+    await direct.setbit(old_marks, 0, 1)
+    await direct.setbit(old_marks, 1, 1)
+    await direct.hset(old_walk, "0", "digest")
+    await direct.hset(old_applied, "w", "1")
+    progress = Progress(direct, keys, RedisConfig(), "a:1")
+    assert await progress.start("job", 4) == "resume"
+    assert not await direct.exists(old_marks, old_walk, old_failing, old_applied)
+    assert await direct.bitcount(keys.marks("job")) == 2
+    assert await direct.hget(keys.walk("job"), "0") == b"digest"
+    for index in (1, 2, 3):  # 1 was uploaded by the old version already
+        progress.record("job", index, "uploaded", 10)
+    message = await progress.finish("job", 1.0)
+    assert (message["uploaded"], message["bytes"], message["state"]) == (4, 40, "done")
+
+
+async def test_the_final_write_puts_back_what_a_failover_took(direct: aioredis.Redis) -> None:
+    """A promoted replica may lack the last acknowledged writes (marks and counts together,
+    since a script replicates whole): the run's ledger writes them again at the finish."""
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    progress = Progress(direct, keys, RedisConfig(), "a:1")
+    await progress.start("job", 6)
+    for index in range(4):
+        progress.record("job", index, "uploaded", 10)
+    progress.record("job", 4, "failed", label="/e", reason="gone")
+    await progress.flush()
+    # The failover: Redis is back as it was after the start, before any progress write.
+    await direct.delete(keys.marks("job"), keys.failing("job"), keys.failed("job"))
+    await direct.hset(keys.job("job"), mapping={"uploaded": 0, "failed": 0, "bytes": 0})
+    progress.record("job", 5, "skipped")
+    message = await progress.finish("job", 1.0)
+    assert (message["uploaded"], message["skipped"], message["failed"], message["bytes"]) == (4, 1, 1, 40)
+    assert message["state"] == "failed"
+    assert await direct.bitcount(keys.marks("job")) == 5
+    assert await direct.hgetall(keys.failed("job")) == {b"/e": b"gone"}

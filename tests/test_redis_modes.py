@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.helpers import Env, RecordingStore, local_store, toml_text, wait_until
-from uploader import devredis
+from uploader import devredis, devservers
 from uploader.config import RedisConfig
 from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
@@ -169,42 +169,40 @@ async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Pa
 # --- Sentinel ---
 
 
-async def test_a_job_runs_through_sentinel_and_survives_a_readonly_window(
-    tmp_path: Path, beanstalkd_server: Server, redis_sentinel: RedisSentinel, moto_endpoint: str,
-    capsys: pytest.CaptureFixture[str],
+async def test_a_redis_that_turns_read_only_mid_job_holds_every_write_until_it_takes_them(
+    tmp_path: Path, beanstalkd_server: Server, moto_endpoint: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The master answers READONLY for a while (as a demoted master does until the sentinels
-    reconfigure it): progress waits, no batch is dropped, no file fails, the job is not buried."""
-    env = sentinel_env(tmp_path, beanstalkd_server.address, redis_sentinel, moto_endpoint)
+    """READONLY, as a demoted master answers until it is reconfigured: the daemon takes no new
+    work and says why, progress waits (no batch dropped, no file failed, no job buried), and
+    the job ends exact once Redis takes writes again."""
+    server = devservers.redis().start()
+    env = Env(tmp_path=tmp_path, beanstalkd=beanstalkd_server.address, redis_url=f"redis://{server.address}/0",
+              s3_endpoint=moto_endpoint, tag=uuid.uuid4().hex[:10])
+    env.redis = aioredis.Redis.from_url(env.redis_url)
     try:
         job_id = f"ro-{env.tag}"
         await env.push_job(job_id, [str(p) for p in env.write_files(120)])
         store = slow_local(env, 0.01)
-        config = env.config(**sentinel_overrides(redis_sentinel), upload={"concurrency": 4})
-        async with env.daemon(config, store=store):
+        async with env.daemon(env.config(upload={"concurrency": 4}), store=store) as daemon:
             await wait_until(lambda: _uploaded_at_least(env, job_id, 20), 30, "progress before the window")
-            # The master turns read-only without losing its data: a replica of a port nobody
-            # listens on never syncs, so it keeps what it has and refuses writes.
-            master = redis_sentinel.master
-            devredis.command(master, "CONFIG", "SET", "replica-read-only", "yes")
-            devredis.command(master, "REPLICAOF", "127.0.0.1", "1")
-            began, before = time.monotonic(), len(store.order)
+            # A replica of a port nobody listens on never syncs: it keeps its data, refuses writes.
+            devredis.command(server, "REPLICAOF", "127.0.0.1", "1")
+            began = time.monotonic()
             try:
-                await wait_until(lambda: len(store.order) >= before + 40, 30, "uploads during the window")
-                frozen = int((await env.state(job_id))["uploaded"])
+                await wait_until(lambda: not daemon.health.ok, 30, "the daemon to see Redis read-only")
+                reason = daemon.health.describe()
             finally:
-                devredis.command(master, "REPLICAOF", "NO", "ONE")
-                await asyncio.to_thread(devredis.poll, "the replica back in sync",
-                                        lambda: devredis.in_sync(redis_sentinel.replica) or None, 20)
+                devredis.command(server, "REPLICAOF", "NO", "ONE")
             with capsys.disabled():
-                print(f"READONLY window held {time.monotonic() - began:.2f} s")
+                print(f"READONLY window {time.monotonic() - began:.2f} s: {reason}")
             state = await assert_exact(env, job_id, 120)
-        assert frozen < before + 40, "progress was written during the window: it was not read-only"
+        assert "replica" in reason, reason
         assert state["state"] == "done"
-        assert_no_dropped_writes(capsys.readouterr().out)
         assert stored(env) == 120
+        assert_no_dropped_writes(capsys.readouterr().out)
     finally:
         await env.close()
+        server.stop()
 
 
 @pytest.mark.timeout(180)
@@ -258,3 +256,42 @@ async def test_kill_9_of_the_master_mid_job_loses_and_miscounts_nothing(
         assert_no_dropped_writes(capsys.readouterr().out)
     finally:
         await env.close()
+
+
+async def test_directories_the_http_api_retry_and_files_ttl_on_a_cluster(
+    cluster_env: Env, tmp_path: Path
+) -> None:
+    """The rest of what the daemon and the CLI send Redis, once on a cluster: a directory
+    entry (walk digests), `/jobs` and `/jobs/ID`, `retry` of a failed job, `files_ttl`."""
+    import aiohttp
+
+    from tests.helpers import get, listen
+
+    env = cluster_env
+    tree = env.uploads / "tree"
+    for i in range(20):
+        (tree / f"s{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tree / f"s{i % 3}" / f"f{i}.txt").write_bytes(b"x" * i)
+    dir_job, bad_job = f"dir-{env.tag}", f"bad-{env.tag}"
+    await env.push_job(dir_job, [str(tree)])
+    await env.push_job(bad_job, [str(env.uploads / "gone.txt")])
+    config, api = listen(env, redis={"mode": "cluster", "files_ttl": 600})
+    async with env.daemon(config), aiohttp.ClientSession() as session:
+        state = await env.wait_final(dir_job)
+        assert (state["state"], state["uploaded"], state["total"]) == ("done", "20", "20")
+        assert (await env.wait_final(bad_job))["state"] == "failed"
+        assert 0 < await env.redis.ttl(env.keys.files(dir_job)) <= 600
+        status, body = await get(session, f"{api}/jobs")
+        assert status == 200, body
+        status, body = await get(session, f"{api}/jobs/{bad_job}")
+        assert status == 200 and body["state"] == "failed", body
+        path = tmp_path / "cluster.toml"
+        path.write_text(toml_text(env.config_data(redis={"mode": "cluster"})))
+        (env.uploads / "gone.txt").write_bytes(b"back")
+        code, _, err = await run_cli(path, "retry", bad_job)
+        assert code == 0, err
+        await wait_until(lambda: _state_is(env, bad_job, "done"), 30, "the retried job done")
+
+
+async def _state_is(env: Env, job_id: str, state: str) -> bool:
+    return (await env.state(job_id)).get("state") == state
