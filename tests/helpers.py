@@ -30,7 +30,7 @@ from uploader import config as config_mod
 from uploader import devservers
 from uploader import files as files_mod
 from uploader.beanstalk import Connection
-from uploader.config import Config
+from uploader.config import Config, LocalStoreConfig
 from uploader.daemon import Daemon
 from uploader.devservers import Server
 from uploader.errors import PermanentFileError, TransientFileError
@@ -603,3 +603,35 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode("utf-8", "replace")
+
+
+# --- several beanstalkd ---------------------------------------------------------------------
+
+
+class SlowStore(LocalStore):
+    """A local store whose uploads take `delay` seconds, so jobs are provably mid-run."""
+
+    def __init__(self, config: LocalStoreConfig, delay: float = 0.02) -> None:
+        super().__init__(config)
+        self.delay = delay
+
+    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
+        await asyncio.sleep(self.delay)
+        return await super().put(source, request)
+
+
+@asynccontextmanager
+async def two_servers(env: Env) -> AsyncIterator[tuple[Env, Server, Server]]:
+    """Two private beanstalkd (the second with a binlog, to be killed or thrown away), and an
+    Env whose producer side talks to the first: that is where completion messages go."""
+    first = devservers.beanstalkd().start()
+    second = devservers.beanstalkd(binlog=True).start()
+    penv = Env(tmp_path=env.tmp_path, beanstalkd=first.address, redis_url=env.redis_url,
+               s3_endpoint=env.s3_endpoint, tag=uuid.uuid4().hex[:10])
+    penv.redis = aioredis.Redis.from_url(env.redis_url)
+    try:
+        yield penv, first, second
+    finally:
+        await penv.close()
+        first.stop()
+        second.stop()

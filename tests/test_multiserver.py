@@ -8,8 +8,6 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +18,24 @@ import redis.asyncio as aioredis
 from tests.helpers import (
     Daemons,
     Env,
+    SlowStore,
     get,
     notify_socket,
     total_uploaded,
     tube_settled,
+    two_servers,
     wait_until,
     write_config,
 )
 from uploader import devservers
 from uploader.devservers import Server
-from uploader.files import SourceFile
 from uploader.source import connections_needed
-from uploader.stores.base import PutRequest, PutResult
-from uploader.stores.local import LocalStore
 
 FILES_PER_JOB = 60
 
 
-class SlowStore(LocalStore):
-    """A local store whose uploads take a little while, so jobs are provably mid-run."""
-
-    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
-        await asyncio.sleep(0.02)
-        return await super().put(source, request)
 
 
-@asynccontextmanager
-async def two_servers(env: Env) -> AsyncIterator[tuple[Env, Server, Server]]:
-    """Two private beanstalkd (the second with a binlog, to be killed), and an Env whose
-    producer side talks to the first: that is where completion messages go."""
-    first = devservers.beanstalkd().start()
-    second = devservers.beanstalkd(binlog=True).start()
-    penv = Env(tmp_path=env.tmp_path, beanstalkd=first.address, redis_url=env.redis_url,
-               s3_endpoint=env.s3_endpoint, tag=uuid.uuid4().hex[:10])
-    penv.redis = aioredis.Redis.from_url(env.redis_url)
-    try:
-        yield penv, first, second
-    finally:
-        await penv.close()
-        first.stop()
-        second.stop()
 
 
 async def push(env: Env, job_id: str, files: list[str], server: Server) -> None:

@@ -3,50 +3,22 @@ what a live server or a live worker still holds is left alone. And the heartbeat
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
-from tests.helpers import Env, run_cli, total_uploaded, wait_until, write_config
+from tests.helpers import Env, SlowStore, run_cli, total_uploaded, two_servers, wait_until, write_config
 from uploader import devservers
 from uploader.devservers import Server
-from uploader.files import SourceFile
 from uploader.heartbeat import live_workers, workers_key
-from uploader.stores.base import PutRequest, PutResult
-from uploader.stores.local import LocalStore
 
 FILES = 30
 
 
-class SlowStore(LocalStore):
-    """Uploads take a little while, so jobs are provably mid-run when their server dies."""
-
-    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
-        await asyncio.sleep(0.05)
-        return await super().put(source, request)
 
 
-@asynccontextmanager
-async def two_servers(env: Env) -> AsyncIterator[tuple[Env, Server, Server]]:
-    """A (no binlog) and B (a binlog, to be thrown away), and an Env on both."""
-    first = devservers.beanstalkd().start()
-    second = devservers.beanstalkd(binlog=True).start()
-    penv = Env(tmp_path=env.tmp_path, beanstalkd=first.address, redis_url=env.redis_url,
-               s3_endpoint=env.s3_endpoint, tag=uuid.uuid4().hex[:10])
-    penv.redis = aioredis.Redis.from_url(env.redis_url)
-    try:
-        yield penv, first, second
-    finally:
-        await penv.close()
-        first.stop()
-        second.stop()
 
 
 async def push(env: Env, job_id: str, files: list[str], server: Server, delay: int = 0) -> None:
@@ -92,7 +64,7 @@ async def test_recover_after_a_lost_binlog_runs_every_stranded_job_once(env: Env
         tag = penv.tag
         finished, on_b = f"fin-{tag}", [f"b-{tag}-{i}" for i in range(5)]
 
-        async with penv.daemon(config, store=SlowStore(config.store.local)) as daemon:
+        async with penv.daemon(config, store=SlowStore(config.store.local, 0.05)) as daemon:
             await push(penv, finished, files, first)
             assert (await penv.wait_final(finished, 30))["state"] == "done"
             for job_id in on_b:  # at most 3 held: the others wait in B, never started
@@ -132,7 +104,7 @@ async def test_recover_after_a_lost_binlog_runs_every_stranded_job_once(env: Env
         assert (code, listed(again, "recovered")) == (0, []), again
 
         everything = [*stranded, fresh, *on_a]
-        async with penv.daemon(config, store=SlowStore(config.store.local)):
+        async with penv.daemon(config, store=SlowStore(config.store.local, 0.05)):
             for job_id in everything:
                 state = await penv.wait_final(job_id, 60)
                 assert (state["state"], state["uploaded"], state["failed"]) == ("done", str(FILES), "0")

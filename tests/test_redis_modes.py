@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
-from tests.helpers import Env, RecordingStore, local_store, toml_text, wait_until
+from tests.helpers import Env, RecordingStore, local_store, run_cli, toml_text, wait_until
 from uploader import devredis, devservers
 from uploader.config import RedisConfig
 from uploader.devredis import RedisCluster, RedisSentinel
@@ -135,15 +134,6 @@ async def _uploaded_at_least(env: Env, job_id: str, count: int) -> bool:
     return int((await env.state(job_id)).get("uploaded", 0)) >= count
 
 
-async def run_cli(config: Path, command: str, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uploader.cli", command, "--config", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return cast(int, proc.returncode), out.decode(), err.decode()
-
-
 async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Path) -> None:
     env = cluster_env
     config = tmp_path / "cluster.toml"
@@ -151,18 +141,18 @@ async def test_the_cli_commands_work_on_a_cluster(cluster_env: Env, tmp_path: Pa
     paths = [str(p) for p in env.write_files(3)]
     job_id = f"cli-{env.tag}"
     async with env.daemon(env.config(redis={"mode": "cluster"})):
-        code, out, err = await run_cli(config, "enqueue", "--job", job_id, "--wait", *paths)
+        code, out, err = await run_cli("enqueue", "--config", str(config), "--job", job_id, "--wait", *paths)
         assert code == 0, err
-        code, out, err = await run_cli(config, "status", job_id)
+        code, out, err = await run_cli("status", "--config", str(config), job_id)
         assert code == 0 and "done" in out, err
-        code, _, err = await run_cli(config, "cancel", job_id)
+        code, _, err = await run_cli("cancel", "--config", str(config), job_id)
         assert code == 1, err  # finished: nothing to cancel
-        code, out, err = await run_cli(config, "failed")
+        code, out, err = await run_cli("failed", "--config", str(config))
         assert code == 0, err
-        code, out, err = await run_cli(config, "recover", "--dry-run", "--older-than", "0")
+        code, out, err = await run_cli("recover", "--config", str(config), "--dry-run", "--older-than", "0")
         assert code == 0, err  # SCAN over every master
         # Enqueue again: the reset deletes keys of several slots, one DEL each.
-        code, out, err = await run_cli(config, "enqueue", "--job", job_id, "--wait", *paths)
+        code, out, err = await run_cli("enqueue", "--config", str(config), "--job", job_id, "--wait", *paths)
         assert code == 0, err
 
 
@@ -288,7 +278,7 @@ async def test_directories_the_http_api_retry_and_files_ttl_on_a_cluster(
         path = tmp_path / "cluster.toml"
         path.write_text(toml_text(env.config_data(redis={"mode": "cluster"})))
         (env.uploads / "gone.txt").write_bytes(b"back")
-        code, _, err = await run_cli(path, "retry", bad_job)
+        code, _, err = await run_cli("retry", "--config", str(path), bad_job)
         assert code == 0, err
         await wait_until(lambda: _state_is(env, bad_job, "done"), 30, "the retried job done")
 
