@@ -268,8 +268,8 @@ async def test_a_daemon_stays_within_its_connection_budget(env: Env) -> None:
                 await producer.put(job_id.encode())
             watcher = await penv.conn()
             peak = 0
-            async with penv.daemon(config, store=SlowStore(config.store.local)):
-                for job_id in job_ids:
+            async with penv.daemon(config, store=SlowStore(config.store.local)), asyncio.timeout(60):
+                for job_id in job_ids:  # sampled every 50 ms until each job is final
                     while (await penv.state(job_id)).get("state") not in ("done", "failed"):
                         stats = await watcher.stats()
                         peak = max(peak, int(stats["current-connections"]) - 2)  # less ours
