@@ -424,6 +424,23 @@ class RecordingStore(StoreWrapper):
             self.active -= 1
 
 
+class HeldStore(StoreWrapper):
+    """The real local store; the puts after the first `allow` wait for `gate`."""
+
+    def __init__(self, inner: Store, allow: int) -> None:
+        super().__init__(inner)
+        self.allow = allow
+        self.gate = asyncio.Event()
+        self.order: list[str] = []
+
+    async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
+        if len(self.order) >= self.allow:
+            await self.gate.wait()
+        result = await self.inner.put(source, request)
+        self.order.append(request.key)
+        return result
+
+
 def local_store(env: Env) -> LocalStore:
     return LocalStore(env.config().store.local)
 

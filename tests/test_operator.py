@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     Env,
+    HeldStore,
     RecordingStore,
     StoreWrapper,
     get,
@@ -92,11 +93,14 @@ async def test_a_kicked_job_resumes_and_runs_only_its_failed_files_again(env: En
 async def test_a_cancel_flag_ends_with_its_run_and_never_cancels_the_next_submission(env: Env) -> None:
     paths = env.write_files(20)
     job_id = f"cxl-{env.tag}"
-    store = RecordingStore(local_store(env), delay=0.05)
-    async with env.daemon(env.config(upload={"concurrency": 1}), store=store):
+    store = HeldStore(local_store(env), allow=1)
+    async with env.daemon(env.config(upload={"concurrency": 1}), store=store) as daemon:
         await env.push_job(job_id, [str(p) for p in paths])
         await wait_until(lambda: store.order, what="a first upload")
         await env.redis.set(env.keys.cancel(job_id), 1)
+        # The second upload waits until the daemon has read the flag, however slow the tick.
+        await wait_until(lambda: daemon.scheduler.runs[job_id].cancelled, what="the cancel seen", timeout=10)
+        store.gate.set()
         first = await next_run(env, job_id)
         assert first["state"] == "cancelled"
         assert not await env.redis.exists(env.keys.cancel(job_id))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Env, RecordingStore, hook_open, local_store, wait_until
+from tests.helpers import Env, HeldStore, RecordingStore, hook_open, local_store, wait_until
 from uploader.progress import Progress
 
 
@@ -276,13 +276,15 @@ async def test_unreadable_file_fails_with_a_reason(env: Env, monkeypatch: pytest
 
 
 async def test_cancel_skips_pending_files(env: Env) -> None:
-    store = RecordingStore(local_store(env), delay=0.01)
+    store = HeldStore(local_store(env), allow=10)
     paths = env.write_files(500)
     job_id = f"cancel-{env.tag}"
     await env.push_job(job_id, [str(p) for p in paths])
-    async with env.daemon(env.config(upload={"concurrency": 2}), store=store):
+    async with env.daemon(env.config(upload={"concurrency": 2}), store=store) as daemon:
         await wait_until(lambda: len(store.order) >= 10, 20, "uploads to start")
         await env.redis.set(env.keys.cancel(job_id), 1)
+        await wait_until(lambda: daemon.scheduler.runs[job_id].cancelled, what="the cancel seen", timeout=10)
+        store.gate.set()
         state = await env.wait_final(job_id)
         [message] = await env.completions(1)
     assert state["state"] == "cancelled" and message["state"] == "cancelled"
