@@ -7,6 +7,7 @@ process, so its CPU time and peak RSS are its own, read from /proc when it ends.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -237,7 +238,10 @@ def config_toml(
     local_root: str = "/tmp/uploader-bench-objects",
     s3_endpoint: str = "",
     bucket: str = "",
+    fsync: bool = False,
 ) -> str:
+    """The daemon's config. fsync is off by default: the bench's stores are on tmpfs, where it
+    has nothing to make durable, so it is off as an operator would set it there."""
     q = json.dumps
     return f"""
 [source]
@@ -256,8 +260,7 @@ allowed_roots = [{", ".join(q(r) for r in roots)}]
 
 [store]
 kind = {q(store)}
-# tmpfs: fsync has nothing to make durable there, so it is off as an operator would set it.
-local = {{ root = {q(local_root)}, fsync = false }}
+local = {{ root = {q(local_root)}, fsync = {q(fsync)} }}
 
 [store.s3]
 bucket = {q(bucket)}
@@ -274,6 +277,22 @@ listen = ""
 [daemon]
 log_format = "json"
 """
+
+
+def log_stamp(log_path: str, event: str = "ready") -> float | None:
+    """The time on the daemon's first `event` line (UTC, ISO), as time.time() reads it."""
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if f'"{event}"' not in line:
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event and "timestamp" in entry:
+                stamp = str(entry["timestamp"]).replace("Z", "+00:00")
+                return datetime.datetime.fromisoformat(stamp).timestamp()
+    return None
 
 
 def daemon_env(workdir: str) -> tuple[dict[str, str] | None, str]:
@@ -340,6 +359,7 @@ class DaemonProc:
             env=env,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
+        self.pid = self.proc.pid  # before any wait: stop() must never signal pid 0, our group
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -349,7 +369,6 @@ class DaemonProc:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not become ready:\n{text[-3000:]}")
             time.sleep(poll)
-        self.pid = self.proc.pid
         return self
 
     def cpu(self) -> float:

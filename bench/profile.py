@@ -1,6 +1,8 @@
 """Profile the daemon under a benchmark workload with py-spy; print the top functions.
 
-    python -m bench.profile s3|null|local [--files 5000]
+    python -m bench.profile s3|null|local|jobs [--files 5000]
+
+`jobs` is the one-file null-store workload of the `jobs` step: --files one-file jobs.
 
 The daemon runs under `py-spy record` (sampling at 200 Hz, attached once the daemon is ready); the collapsed
 stacks are folded into self time (the function on top of the stack) and total time (the
@@ -56,7 +58,7 @@ def _short(frame: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["s3", "null", "local"])
+    p.add_argument("kind", choices=["s3", "null", "local", "jobs"])
     p.add_argument("--files", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rclone", default=os.environ.get("RCLONE", ""))
@@ -73,8 +75,9 @@ def main() -> None:
         paths = make_tree(os.path.join(bench.src, "p"), min(args.files, 5000), 4096)
         bucket = BUCKET
         store = "s3" if args.kind == "s3" else "local"
+        per_job = 1 if args.kind == "jobs" else 500
         d, names = bench.daemon(
-            store, "prof", null=args.kind == "null", bucket=bucket, concurrency=args.concurrency
+            store, "prof", null=args.kind in ("null", "jobs"), bucket=bucket, concurrency=args.concurrency
         )
         d.start()
         # Attached once the daemon is ready, so imports and startup stay out of the profile.
@@ -97,15 +100,15 @@ def main() -> None:
         # py-spy gives no readiness signal; a head start lets it attach before the work begins
         # (a profile that misses the first second is still a profile, nothing is waited upon).
         time.sleep(1.0)
-        t = bench.drive([d], names, bench.jobs("prof", paths, max(1, args.files // 500), 500))
+        t = bench.drive([d], names, bench.jobs("prof", paths, max(1, args.files // per_job), per_job))
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
         d.stop()
     finally:
         bench.close()
     print(
-        f"{args.kind}: {t.files} files, {t.files_per_s:,.0f} files/s, {t.us_per_file:.0f} us CPU/file "
-        "(under the profiler)",
+        f"{args.kind}: {t.files} files in jobs of {per_job}, {t.files_per_s:,.0f} files/s, "
+        f"{t.us_per_file:.0f} us CPU/file (under the profiler)",
         file=sys.stderr,
     )
     print(summarise(raw))

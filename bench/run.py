@@ -1,11 +1,12 @@
 """The benchmark suite: one command, one table. Ratios from one run are the result.
 
-    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot,redis]
+    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot,redis,jobs]
     PYTHONPATH=<older checkout> python -m bench.run --only redis   # the daemon of that checkout
 
 Needs beanstalkd, redis-server and rclone (RCLONE=path, `bench/run.sh` fetches it) and
-aws-cli in its own virtualenv (AWS=path to its `aws`). Writes bench/out/results.md,
-bench/out/results.json and bench/out/files_per_s_vs_concurrency.png.
+aws-cli in its own virtualenv (AWS=path to its `aws`); the `jobs` step compares with arq, in
+a virtualenv of its own too (ARQ_PYTHON=path to its `python`, see bench/jobs.py). Writes
+bench/out/results.md, bench/out/results.json and bench/out/files_per_s_vs_concurrency.png.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bench.common import (
     Timed,
     config_toml,
     daemon_origin,
+    log_stamp,
     make_big_file,
     make_tree,
     median,
@@ -48,6 +50,7 @@ from bench.common import (
     run_jobs,
     run_timed,
 )
+from bench.jobs import JobsBench
 from bench.rediscost import CountingProxy, InfoReader, redis_delta
 from uploader import devservers
 
@@ -89,6 +92,7 @@ class Bench:
         local_root: str = "",
         cpus: set[int] | None = None,
         redis_url: str = "",
+        fsync: bool = False,
     ) -> tuple[DaemonProc, dict[str, str]]:
         names = {"tube": f"up-{tag}", "done_tube": f"done-{tag}", "prefix": f"b{tag}:"}
         text = config_toml(
@@ -101,6 +105,7 @@ class Bench:
             local_root=local_root or os.path.join(self.work, f"objects-{tag}"),
             s3_endpoint=self.servers.s3.url if self.servers.s3 else "",
             bucket=bucket,
+            fsync=fsync,
             **names,
         )
         return DaemonProc(text, self.work, null_store=null, cpus=cpus), names
@@ -622,7 +627,7 @@ class Bench:
         if done != files or any(int(m["failed"]) for m in messages):
             raise RuntimeError(f"{done} of {files} files done; daemon log: {daemon.log_path}")
         d = redis_delta(before, after)
-        seconds = finished - (ready_stamp(daemon.log_path) or ready)
+        seconds = finished - (log_stamp(daemon.log_path) or ready)
 
         def per_file(value: float | None, scale: float = 1.0) -> float | None:
             return value * scale / files if value is not None else None
@@ -688,21 +693,6 @@ def top_calls(calls: dict[str, int], n: int) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted(calls.items(), key=lambda kv: -kv[1])[:n])
 
 
-def ready_stamp(log_path: str) -> float | None:
-    """The time on the daemon's "ready" line (UTC, ISO), as time.time() reads it."""
-    for line in Path(log_path).read_text(errors="replace").splitlines():
-        if '"ready"' not in line:
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == "ready" and "timestamp" in entry:
-            stamp = str(entry["timestamp"]).replace("Z", "+00:00")
-            return datetime.datetime.fromisoformat(stamp).timestamp()
-    return None
-
-
 def empty(path: str) -> None:
     """Remove what a store wrote, keeping its root (the running daemon holds on to it)."""
     for name in os.listdir(path):
@@ -733,10 +723,12 @@ def endpoint_name(rclone: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale,redis")
+    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale,redis,jobs")
     p.add_argument("--concurrency", type=int, default=64, help="the uploader's concurrency on the S3 path")
     p.add_argument("--rclone", default=os.environ.get("RCLONE", shutil.which("rclone") or ""))
     p.add_argument("--aws", default=os.environ.get("AWS", ""))
+    p.add_argument("--arq", default=os.environ.get("ARQ_PYTHON", ""), help="python of arq's virtualenv")
+    p.add_argument("--jobs-n", type=int, default=2000, help="one-file jobs of the jobs step (N/20 of 20)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like an error, so the servers and daemons started so far are stopped.
@@ -752,6 +744,7 @@ def main() -> None:
         ("large", bench.bench_large),
         ("scale", bench.bench_scale),
         ("redis", bench.bench_redis),
+        ("jobs", JobsBench(bench).run),
     ]
     try:
         for name, step in steps:

