@@ -133,6 +133,11 @@ async def test_uploads_and_tasks_stay_bounded_by_concurrency(env: Env) -> None:
     assert sum(store.attempts.values()) == 10_000
 
 
+async def _running(env: Env, job_id: str) -> bool:
+    """A new job's start is written within `flush_interval` of its run's start (lazily)."""
+    return (await env.state(job_id)).get("state") == "running"
+
+
 @pytest.mark.timeout(90)
 async def test_small_job_behind_a_huge_one_finishes_first(env: Env) -> None:
     store = RecordingStore(local_store(env), delay=0.002)
@@ -142,6 +147,7 @@ async def test_small_job_behind_a_huge_one_finishes_first(env: Env) -> None:
     config = env.config(upload={"concurrency": 4})
     async with env.daemon(config, store=store):
         await wait_until(lambda: len(store.order) > 50, 30, "the huge job to be under way")
+        await wait_until(lambda: _running(env, f"huge-{env.tag}"), 10, "the huge job shown running")
         await env.push_job(f"tiny-{env.tag}", small)
         tiny = await env.wait_final(f"tiny-{env.tag}", timeout=30)
         huge = await env.state(f"huge-{env.tag}")
@@ -313,7 +319,15 @@ async def test_an_unforeseen_error_in_one_job_buries_it_and_the_daemon_goes_on(
             raise RuntimeError("a state no check foresaw")
         return await real_start(self, job_id, total, *rest)
 
+    real_lazily = Progress.start_lazily
+
+    def start_lazily(self: Progress, job_id: str, *rest: Any) -> None:
+        if job_id == doomed:
+            raise RuntimeError("a state no check foresaw")
+        real_lazily(self, job_id, *rest)
+
     monkeypatch.setattr(Progress, "start", start)
+    monkeypatch.setattr(Progress, "start_lazily", start_lazily)  # a new job's way
     paths = [str(p) for p in env.write_files(2)]
     await env.push_job(doomed, paths)
     await env.push_job(after, paths)

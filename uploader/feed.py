@@ -98,6 +98,7 @@ class Feeder:
         roots = await dirs.directories(entries, self.roots)
         if not any(roots):
             return entries
+        run.walked = True
         plain: list[Entry] = []
         for entry, root in zip(entries, roots, strict=True):
             if root is None:

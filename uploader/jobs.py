@@ -18,6 +18,7 @@ from typing import Literal, cast
 import redis.asyncio as aioredis
 import structlog
 
+from uploader import opening
 from uploader.cancelflags import CancelFlags
 from uploader.clock import SYSTEM, Time
 from uploader.errors import BadJobError
@@ -44,6 +45,7 @@ class JobRun:
                  wake: Callable[[], None]) -> None:
         self.held = held
         self.id = spec.id
+        self.inline = spec.inline
         self.manifest = manifest
         self.weight = held.weight
         self.pending: deque[Entry] = deque()
@@ -59,6 +61,7 @@ class JobRun:
         self.draining = False
         self.paused = False  # the store is down: in-flight uploads end, then the job goes back
         self.unsettled = 0  # entries taken whose upload ended with no outcome (cut, store down)
+        self.walked = False  # directories were expanded: the walk digests expire with the job
         self.idle = asyncio.Event()
         self.started = started
         self._wake = wake  # the dispatcher: files are there to take
@@ -134,9 +137,9 @@ class CompletionSink:
         self._put = put
 
     async def announce(self, message: dict[str, object], address: str = "") -> None:
+        """The completion tube's message; the final write published it on the events channel."""
         if self._put is not None:
             await self._put(json.dumps(message, separators=(",", ":")).encode(), address)
-        await self._progress.publish(message)
 
 
 @dataclass(eq=False)
@@ -151,6 +154,7 @@ class Jobs:
     feed: Callable[[JobRun], Coroutine[object, object, None]]  # hands a job's files on, page by page
     time: Time = SYSTEM
     worker: str = ""  # as the progress hash's `worker` field names this daemon
+    page_size: int = 500  # entries of a job's list read at once
     ring: Ring[JobRun] = field(init=False, default_factory=Ring)
     wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # the ring may have files
     runs: dict[str, JobRun] = field(init=False, default_factory=dict)
@@ -244,13 +248,20 @@ class Jobs:
     async def _begin(self, run: JobRun) -> bool:
         """Start the run in Redis; False when there is nothing to serve (refused, an
         unreadable list, or a delivery that was cancelled before and stays so)."""
+        held = run.held
+        delivery = Delivery(held.address, held.id, held.put_at, held.tube)
+        head = await opening.probe(self.redis, self.keys, run.id, run.inline, self.page_size)
+        if head is not None:  # a new job: its start is written with its first outcomes
+            run.total = head.total if head.total is not None else await run.manifest.length()
+            run.manifest.prime(head.page)
+            self.progress.start_lazily(run.id, run.total, delivery)
+            log.info("job_started", total=run.total, tube=held.tube, beanstalk_job=held.id, run="fresh")
+            return True
         try:
-            await self.progress.check_keys(run.id)
+            await self.progress.starts.check_keys(run.id)
         except BadJobError as exc:
             await self._refuse(run.held, exc)
             return False
-        held = run.held
-        delivery = Delivery(held.address, held.id, held.put_at, held.tube)
         try:
             try:
                 run.total = await run.manifest.length()
@@ -297,7 +308,8 @@ class Jobs:
             return
         seconds = self.time.monotonic() - run.started
         c = run.counts
-        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, total=run.total)
+        message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, total=run.total,
+                                             walked=run.walked)
         await self.completions.announce(message, run.held.address)
         state = cast(State, message["state"])
         await self.source.settle(run.held, "bury" if state == "failed" else "delete")

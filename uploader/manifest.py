@@ -215,9 +215,23 @@ class Page:
 class Manifest(Protocol):
     async def length(self) -> int: ...
     async def page(self, start: int, count: int) -> Page: ...
+    def prime(self, head: Page) -> None: ...
 
 
-class RedisManifest:
+class _Primed:
+    """The first page, when the job's first read had it already: not read twice."""
+
+    _head: Page | None = None
+
+    def prime(self, head: Page) -> None:
+        self._head = head
+
+    def _primed(self, start: int) -> Page | None:
+        head, self._head = self._head, None
+        return head if head is not None and start == head.start else None
+
+
+class RedisManifest(_Primed):
     """A job's list in Redis, read by LRANGE with the resume marks and cancel flag alongside."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, job_id: str) -> None:
@@ -245,6 +259,8 @@ class RedisManifest:
         return length
 
     async def page(self, start: int, count: int) -> Page:
+        if head := self._primed(start):
+            return head
         files, marks, cancel = (
             self._keys.files(self._job_id),
             self._keys.marks(self._job_id),
@@ -268,7 +284,7 @@ class RedisManifest:
         return Page(start, entries, bitmap, bool(cancelled))
 
 
-class InlineManifest:
+class InlineManifest(_Primed):
     """Entries carried in a JSON job body; marks and cancel still live in Redis."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, job_id: str, entries: tuple[object, ...]) -> None:
@@ -281,6 +297,8 @@ class InlineManifest:
         return len(self._entries)
 
     async def page(self, start: int, count: int) -> Page:
+        if head := self._primed(start):
+            return head
         marks, cancel = self._keys.marks(self._job_id), self._keys.cancel(self._job_id)
 
         async def call() -> list[object]:

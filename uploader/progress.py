@@ -21,21 +21,20 @@ import functools
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
-from redis.asyncio.client import Pipeline
 
 from uploader.config import RedisConfig
-from uploader.errors import BadJobError
-from uploader.finalwrite import LIST_LABEL, FinalWrite
+from uploader.finalwrite import LIST_LABEL, Closing, FinalWrite
 from uploader.finalwrite import State as State
-from uploader.progresslua import APPLY_SCRIPT, SCRIPTS, START_SCRIPT, Batch, Ledger
-from uploader.redisio import Keys, is_cluster, text, until_done
+from uploader.progresslua import APPLY_SCRIPT, Batch, Ledger, scripted
+from uploader.redisio import Keys, text, until_done
+from uploader.starts import Delivery as Delivery
+from uploader.starts import Start, Starts
 
 log = structlog.get_logger("uploader.progress")
 
@@ -43,28 +42,10 @@ Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
 COMPLETION_COUNTS = ("total", "uploaded", "skipped", "failed", "bytes")  # in completion messages
 
-# Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
-# whole seconds, and each daemon reads it with its own clock.
-SAME_DELIVERY_SLACK = 5
-# Seconds since another worker's last progress write within which its run may still be alive.
-OVERLAP_WINDOW = 30
 # Outcomes per job in a batch below which a full buffer does not force an early write, and
 # the interval's write waits, up to SPARSE_WAIT intervals (and at most a second longer).
 PER_JOB_BATCH = 256
 SPARSE_WAIT = 10
-
-Start = Literal["fresh", "resume", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Which beanstalkd job carries a run: a job ID's runs are told apart by it."""
-
-    address: str
-    job: int
-    put_at: float
-    tube: str
-
 
 @dataclass(slots=True)
 class Counts:
@@ -93,17 +74,18 @@ class Progress:
         self._keys = keys
         self._config = config
         self._worker = worker
-        self._legacy = not is_cluster(redis)  # where pre-0.5 key names can still be found
         # A batch stays in `_unsent` until Redis acknowledges it; sending it again counts
         # nothing twice. What each running job settled stays in its ledger until it finishes.
         self._unsent: list[dict[str, Batch]] = []
         self._pending: dict[str, Batch] = defaultdict(Batch)
         self._ledgers: dict[str, Ledger] = {}
+        self.starts = Starts(redis, keys, worker)
+        self._list_failed: set[str] = set()  # runs whose list could not be read to the end
         self._buffered = 0
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._stopping = False
-        self._final = FinalWrite(redis, keys, config, self._write, self._scripted)
+        self._final = FinalWrite(redis, keys, config, self._write)
 
     def record(
         self, job_id: str, index: int, outcome: Outcome, nbytes: int = 0, label: str = "", reason: str = ""
@@ -130,6 +112,25 @@ class Progress:
     def forget(self, job_id: str) -> None:
         """The run is over without a final write (released, lost): its ledger goes."""
         self._ledgers.pop(job_id, None)
+        self.starts.written(job_id)
+        self._list_failed.discard(job_id)
+
+    def start_lazily(self, job_id: str, total: int | None, delivery: Delivery | None) -> None:
+        """A run of a job that had no keys (opening.probe): nothing to reset or resume, so its
+        start is written with its first outcomes, or by `ensure_started` before other writes."""
+        self.starts.lazily(job_id, total, delivery)
+        self._ledgers[job_id] = Ledger()
+
+    async def start(self, job_id: str, total: int | None, delivery: Delivery | None = None) -> Start:
+        """START (see starts.py); the run's ledger begins."""
+        mode = await self.starts.start(job_id, total, delivery)
+        self._ledgers[job_id] = Ledger()
+        return mode
+
+    async def ensure_started(self, job_id: str) -> None:
+        """Write a lazy start now, with START (a write that is not APPLY or CLOSE follows)."""
+        if (lazy := self.starts.written(job_id)) is not None:
+            await self.starts.start(job_id, lazy.total, lazy.delivery)
 
     async def run(self) -> None:
         """Flush every interval, or sooner when the buffer is full, until `stop()`.
@@ -144,8 +145,14 @@ class Progress:
                 async with asyncio.timeout(interval):
                     await self._full.wait()
             waited += interval
-            if self._sparse and waited < longest and not self._full.is_set() and not self._stopping:
+            # A lazy start older than an interval is written even with no outcome: a run that
+            # lasts shows `running` within `flush_interval`.
+            overdue = self.starts.overdue(interval)
+            early = self._full.is_set() or self._stopping or overdue
+            if self._sparse and waited < longest and not early:
                 continue
+            for job_id in overdue:
+                self._pending[job_id]  # an empty batch: the start alone is written
             waited = 0.0
             await self.flush()
 
@@ -187,91 +194,46 @@ class Progress:
                     log.error("progress_write_refused", error=str(exc))
                 self._unsent.pop(0)
 
-    async def _write(self, batch: dict[str, Batch]) -> list[int]:
+    async def _write(self, batch: dict[str, Batch]) -> dict[str, int]:
         """Apply each job's outcomes (one script per job, pipelined, per node on a cluster),
         then bring the failed reasons in line; returns each job's failed count."""
         now = int(time.time())
-        jobs = list(batch.items())
-
-        replies = await self._scripted(lambda pipe: [
-            APPLY_SCRIPT(pipe, self._apply_keys(job_id), outcomes.args(now)) for job_id, outcomes in jobs
-        ])
+        replies = dict(zip(batch, await scripted(self._redis, lambda pipe: [
+            APPLY_SCRIPT(pipe, self._apply_keys(job_id), [*self.starts.args(job_id), *outcomes.args(now)])
+            for job_id, outcomes in batch.items()
+        ]), strict=True))
+        failed: dict[str, int] = {}
+        if again := [job_id for job_id, reply in replies.items() if reply[2] == -1]:
+            # A lazy start found another run's hash: START decides, then the outcomes go again.
+            for job_id in again:
+                await self.ensure_started(job_id)
+                del replies[job_id]
+            failed = await self._write({job_id: batch[job_id] for job_id in again})
         async with self._redis.pipeline(transaction=False) as pipe:
-            for (job_id, outcomes), (taken, recorded, _) in zip(jobs, replies, strict=True):
-                if reasons := outcomes.reasons(recorded):
+            for job_id, (taken, recorded, count) in replies.items():
+                self.starts.written(job_id)
+                failed[job_id] = int(count)
+                if reasons := batch[job_id].reasons(recorded):
                     pipe.hset(self._keys.failed(job_id), mapping=reasons)  # type: ignore[arg-type]
                 if taken:
                     pipe.hdel(self._keys.failed(job_id), *taken)
             if len(pipe):
                 await pipe.execute()
-        return [int(failed) for _, _, failed in replies]
-
-    async def _scripted(self, queue: Callable[[Pipeline], object]) -> list[Any]:
-        """Run a pipeline of script calls; on NOSCRIPT load the scripts and run it again."""
-        for attempt in (1, 2):
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    queue(pipe)
-                    replies: list[Any] = await pipe.execute()
-                    return replies
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                for script in SCRIPTS:
-                    await script.load(self._redis)
-        raise AssertionError("unreachable")
+        return failed
 
     def _apply_keys(self, job_id: str) -> list[str]:
         k = self._keys
         return [k.job(job_id), k.marks(job_id), k.failing(job_id)]
 
-    def _script_keys(self, job_id: str) -> list[str]:
-        """The job's hash and internal keys, as START and FINISH take them."""
-        return [self._keys.job(job_id), *self._keys.internal(job_id)]
-
-    async def check_keys(self, job_id: str) -> None:
-        """Refuse a job whose failed reasons key holds something else (a producer's mistake):
-        every write to it would fail. START checks the keys of the job's own slot."""
-        key = self._keys.failed(job_id)
-        found = text(await until_done(lambda: self._redis.type(key), "check keys"))
-        if found not in ("none", "hash"):
-            raise BadJobError(_wrong_type(key, found))
-
-    async def start(self, job_id: str, total: int | None, delivery: Delivery | None = None) -> Start:
-        """Mark a job running, in one script that also decides whose run this is.
-
-        A job ID may be used again once its run has finished: a delivery other than the one
-        that ran it last (another beanstalkd job, or the same id put at another time) starts
-        afresh, with counters, marks and reasons of the old run gone. The same delivery again
-        (a crash, a drain, a TTR lapse, a kick) resumes from the marks. Failures of an earlier
-        run are forgotten either way: they are retried now.
-        """
-        now = int(time.time())
-        who = ("", "", "", "") if delivery is None else (
-            delivery.address, str(delivery.job), str(int(delivery.put_at)), delivery.tube
-        )
-        keys = self._script_keys(job_id) + (list(self._keys.legacy(job_id)) if self._legacy else [])
-        args = [self._worker, now, "" if total is None else total, *who, SAME_DELIVERY_SLACK, OVERLAP_WINDOW]
-        reply, _ = await until_done(lambda: self._scripted(lambda pipe: [
-            START_SCRIPT(pipe, keys, args),
-            pipe.delete(self._keys.failed(job_id)),
-        ]), "start job")
-        mode, *rest = (text(part) for part in reply)
-        if mode == "badkey":
-            raise BadJobError(_wrong_type(*rest))
-        self._ledgers[job_id] = Ledger()
-        if overlap := rest[0]:
-            # Counters stay exact (see APPLY); the log says why files may be uploaded twice.
-            other, seconds = overlap.rsplit(" ", 1)
-            log.warning("job_run_overlap", job_id=job_id, other_worker=other, seconds_since=int(seconds),
-                        reason="another worker's run of this job wrote progress moments ago")
-        return cast(Start, mode)
-
     async def set_total(self, job_id: str, total: int) -> None:
+        if self.starts.set_total(job_id, total):
+            return  # written with the lazy start
         await until_done(lambda: self._redis.hset(self._keys.job(job_id), "total", total), "set total")
 
     async def set_state(self, job_id: str, state: State) -> None:
         await self.flush(job_id)
+        if job_id in self.starts:
+            return  # nothing of the run was written: no hash, as before it started
         key = self._keys.job(job_id)
         await until_done(
             lambda: self._redis.hset(key, mapping={"state": state, "updated_at": int(time.time())}),
@@ -281,6 +243,7 @@ class Progress:
     async def fail_list(self, job_id: str, reason: str) -> None:
         """The job's list of files cannot be read (any more): the reason goes where failed
         files' reasons go, under `<files list>`, and the job ends failed."""
+        self._list_failed.add(job_id)
         await until_done(
             lambda: self._redis.hset(self._keys.failed(job_id), LIST_LABEL, reason[:MAX_REASON]),
             "record job failure",
@@ -294,28 +257,44 @@ class Progress:
     # --- the final write ---
 
     async def finish(
-        self, job_id: str, seconds: float, *, cancelled: bool = False, total: int | None = None
+        self, job_id: str, seconds: float, *, cancelled: bool = False, total: int | None = None,
+        walked: bool = False,
     ) -> dict[str, object]:
-        """Flush, decide and settle the final state, start the expiry clocks; return the
-        completion message. The verdict is Redis's, not this run's: another run of the job
+        """Decide and settle the final state, start the expiry clocks, publish the completion
+        message and return it. The verdict is Redis's, not this run's: another run of the job
         may have uploaded a file this one failed.
 
         The whole write is idempotent and runs again, from the ledger, after any outage on
         the way: so what a failover took (acknowledged, never replicated) is written again,
-        and in Sentinel mode a replica has the result before the job is settled."""
+        and in Sentinel mode a replica has the result before the job is settled. A run whose
+        ledger fits in one call, with no failure, finishes in one round trip (CLOSE)."""
+        ledger = self._ledgers.get(job_id) or Ledger()
+        if job_id not in self._list_failed and self._final.closable(ledger):
+            closing = Closing(job_id, ledger, self.starts.args(job_id), cancelled, total, seconds, walked)
+            async with self._flush_lock:
+                self._drop(job_id)  # the ledger carries every outcome of the run
+                message = await until_done(lambda: self._final.close(closing), "finish job")
+            if message is not None:
+                self.forget(job_id)
+                return message
+        await self.ensure_started(job_id)
         await self.flush(job_id)
-        ledger = self._ledgers.pop(job_id, None) or Ledger()
+        ledger = self._ledgers.get(job_id) or Ledger()
         stored = await until_done(lambda: self._final(job_id, ledger, cancelled, total), "finish job")
+        self.forget(job_id)
         counts = {name: int(stored.get(name.encode(), 0)) for name in COMPLETION_COUNTS}
-        return {"id": job_id, "state": text(stored[b"state"]), **counts, "seconds": round(seconds, 3)}
+        message = {"id": job_id, "state": text(stored[b"state"]), **counts, "seconds": round(seconds, 3)}
+        await self.publish(message)
+        return message
+
+    def _drop(self, job_id: str) -> None:
+        """The job's outcomes not yet written, left to its final write."""
+        if own := self._pending.pop(job_id, None):
+            self._buffered -= len(own)
+        for batch in self._unsent:
+            batch.pop(job_id, None)
+        self._unsent = [batch for batch in self._unsent if batch]
 
     async def publish(self, message: dict[str, object]) -> None:
         payload = json.dumps(message, separators=(",", ":"))
         await until_done(lambda: self._redis.publish(self._keys.events, payload), "publish")
-
-
-def _wrong_type(key: str, found: str) -> str:
-    return (f"{key} is a Redis {found}, where the daemon keeps this job's progress: "
-            "delete it or use another job ID")
-
-

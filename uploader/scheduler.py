@@ -121,7 +121,8 @@ class Scheduler:
         keys = Keys(config.redis.key_prefix)
         feeder = Feeder(config, redis, keys, progress, self.tally)
         self.jobs = Jobs(
-            source, redis, keys, progress, self.tally, completions, self.health, feeder.feed, time, worker
+            source, redis, keys, progress, self.tally, completions, self.health, feeder.feed, time, worker,
+            config.redis.page_size,
         )
         self.store = StoreWatch(store, self.health, time)
         self.room = asyncio.Semaphore(config.source.max_active_jobs)
