@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
+import stat
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -282,6 +285,7 @@ async def test_copy_falls_back_when_kernel_copies_are_unsupported(
 async def test_cancelled_put_leaves_neither_object_nor_temp_file(
     store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(local_module, "INLINE_PUT_LIMIT", -1)  # copied in a thread, cancellable
     started = threading.Event()
     release = threading.Event()
     real_copy = os.copy_file_range
@@ -348,3 +352,153 @@ def test_os_errors_are_translated_with_readable_reasons(
     error = translate_os_error(OSError(code, os.strerror(code)), "k")
     assert type(error) is kind
     assert error.reason == reason
+
+
+# -- group commit: with fsync on, the puts staged meanwhile share one syncing step ----------
+
+
+class Fsyncs:
+    """os.fsync, counted and recorded as (kind, inode); the first call can be held back so
+    the puts that follow gather into one batch behind it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold_first: bool = False) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail: Callable[[os.stat_result], bool] = lambda st: False
+        self._real = os.fsync
+        self._lock = threading.Lock()
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        assert self.release.wait(30)
+        st = os.fstat(fd)
+        with self._lock:
+            self.calls.append(("dir" if stat.S_ISDIR(st.st_mode) else "data", st.st_ino))
+        if self.fail(st):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self._real(fd)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.calls if k == kind)
+
+
+def put_tasks(store: LocalStore, open_file: OpenFile, contents: dict[str, bytes]) -> list[asyncio.Task[Any]]:
+    """One task per key; each source is closed once its put has settled."""
+    tasks: list[asyncio.Task[Any]] = []
+    for i, (key, data) in enumerate(contents.items()):
+        source = open_file(f"src-{i}", data)
+        task = asyncio.create_task(store.put(source, req(key)))
+        task.add_done_callback(functools.partial(lambda source, _: source.close(), source))
+        tasks.append(task)
+    return tasks
+
+
+async def test_many_concurrent_puts_with_fsync_all_land_with_their_bytes(
+    store: LocalStore, store_root: Path, open_file: OpenFile
+) -> None:
+    contents = {f"job{i % 5}/f{i:03d}": os.urandom(100 + i * 37) for i in range(200)}
+    contents["big/one"] = os.urandom(300_000)  # copied in a thread, synced with the rest
+    await asyncio.gather(*put_tasks(store, open_file, contents))
+    for key, data in contents.items():
+        assert (store_root / key).read_bytes() == data
+    assert temp_files(store_root) == []
+
+
+async def test_a_batch_fsyncs_each_file_once_and_its_directory_once(
+    store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = Fsyncs(monkeypatch, hold_first=True)
+    contents = {f"job/f{i:02d}": os.urandom(4096) for i in range(41)}
+    tasks = put_tasks(store, open_file, contents)
+    # Small files are staged on the loop: one turn of it and every put waits for the step,
+    # the first alone in its batch (it found the store idle), the other 40 behind it.
+    await asyncio.sleep(0)
+    fsyncs.release.set()
+    await asyncio.gather(*tasks)
+    assert fsyncs.count("data") == 41
+    # First batch: "job" and the root it was created in; second batch: "job" once for 40.
+    assert fsyncs.count("dir") == 3, "one per file and directory would be 42"
+
+
+async def test_a_failed_fsync_fails_only_that_files_put(
+    store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = Fsyncs(monkeypatch, hold_first=True)
+    fsyncs.fail = lambda st: stat.S_ISREG(st.st_mode) and st.st_size == 777
+    contents = {f"job/f{i}": os.urandom(777 if i == 3 else 1000) for i in range(8)}
+    tasks = put_tasks(store, open_file, contents)
+    await asyncio.sleep(0)  # all staged: one batch after the first
+    fsyncs.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[3], TransientFileError)
+    assert results[3].reason == "local store: I/O error"
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
+    assert all_files(store_root) == sorted(f"job/f{i}" for i in range(8) if i != 3)
+
+
+async def test_a_failed_directory_fsync_fails_every_put_in_that_directory(
+    store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (store_root / "good").mkdir(parents=True)
+    (store_root / "bad").mkdir()
+    bad = os.stat(store_root / "bad").st_ino
+    fsyncs = Fsyncs(monkeypatch, hold_first=True)
+    fsyncs.fail = lambda st: st.st_ino == bad
+    contents = {f"{d}/f{i}": os.urandom(500) for i in range(3) for d in ("good", "bad")}
+    tasks = put_tasks(store, open_file, contents)
+    await asyncio.sleep(0)
+    fsyncs.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes = {key: type(r).__name__ for key, r in zip(contents, results, strict=True)}
+    expected = {key: "TransientFileError" if key.startswith("bad") else "PutResult" for key in contents}
+    assert outcomes == expected
+    assert temp_files(store_root) == []
+
+
+async def test_a_put_cancelled_in_a_batch_leaves_no_temp_file_and_the_others_land(
+    store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = Fsyncs(monkeypatch, hold_first=True)
+    contents = {f"job/f{i}": os.urandom(2000) for i in range(6)}
+    tasks = put_tasks(store, open_file, contents)
+    await asyncio.sleep(0)  # f0 is syncing (held); f1..f5 wait for the next batch
+    assert len(temp_files(store_root)) == 6
+    tasks[3].cancel()
+    fsyncs.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert all_files(store_root) == [f"job/f{i}" for i in range(6) if i != 3]
+    for i in (0, 1, 2, 4, 5):
+        assert (store_root / f"job/f{i}").read_bytes() == contents[f"job/f{i}"]
+
+
+async def test_data_is_durable_before_the_rename_and_the_directory_before_the_put_returns(
+    store: LocalStore, store_root: Path, open_file: OpenFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        events.append(("dir synced" if stat.S_ISDIR(st.st_mode) else "data synced", st.st_ino))
+
+    def replace(src: str, dst: str, **kwargs: int) -> None:
+        events.append(("renamed", os.stat(src, dir_fd=kwargs["src_dir_fd"]).st_ino))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    contents = {f"d{i % 2}/f{i}": os.urandom(3000) for i in range(10)}
+    tasks = put_tasks(store, open_file, contents)
+    for key, task in zip(contents, tasks, strict=True):
+        task.add_done_callback(functools.partial(lambda key, _: events.append(("returned", key)), key))
+    await asyncio.gather(*tasks)
+    for key in contents:
+        ino, dir_ino = os.stat(store_root / key).st_ino, os.stat((store_root / key).parent).st_ino
+        data, renamed = events.index(("data synced", ino)), events.index(("renamed", ino))
+        returned = events.index(("returned", key))
+        dir_synced = [i for i, e in enumerate(events) if e == ("dir synced", dir_ino) and renamed < i]
+        assert data < renamed < dir_synced[0] < returned, key

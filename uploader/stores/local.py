@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import secrets
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from uploader.config import LocalStoreConfig
 from uploader.errors import (
@@ -31,6 +33,7 @@ from uploader.errors import (
 )
 from uploader.files import INLINE_READ_LIMIT, SourceFile, is_under, opened_path
 from uploader.stores.base import PutRequest, PutResult, StoredObject, checked_key, translated
+from uploader.stores.localsync import Cancelled, GroupCommit, Staged
 
 # One copy syscall moves at most this much, so a cancelled upload stops within one chunk.
 CHUNK = 8 * 1024 * 1024
@@ -39,9 +42,10 @@ CHUNK = 8 * 1024 * 1024
 # daemon: 1 thread 5,400 files/s, 2: 4,300, the default 6: 4,100). With fsync on, threads
 # wait on the disk, and the loop's default pool is kept.
 NO_FSYNC_THREADS = 1
-# Without fsync, a put of a file up to this size runs on the event loop, like the small reads
-# of `files.py`: ~15 syscalls that never wait on the disk cost less there than the GIL
-# hand-offs of a thread hop (tmpfs, 2 cores, whole daemon: 6,400 -> 13,500 files/s unpinned).
+# A put of a file up to this size copies into its temporary file on the event loop, like the
+# small reads of `files.py`: ~15 syscalls that never wait on the disk cost less there than the
+# GIL hand-offs of a thread hop (tmpfs, 2 cores, whole daemon: 6,400 -> 13,500 files/s
+# unpinned). With fsync on, only the copy runs there: the fsyncs wait in the batch's thread.
 INLINE_PUT_LIMIT = INLINE_READ_LIMIT
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -69,10 +73,7 @@ _PERMANENT_REASONS = {
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
-class _Cancelled(Exception):
-    """Raised inside the worker thread when the awaiting task was cancelled."""
-
-
+_T = TypeVar("_T")
 _NEVER = threading.Event()  # the cancellation flag of an inline put: never set
 
 
@@ -128,6 +129,8 @@ class LocalStore:
         self.where = where  # "FILE: [store.local].root", for the one error that names the key
         self._root_real: str | None = None  # resolved once at start, not per object
         self._executor: ThreadPoolExecutor | None = None  # None: the loop's default pool
+        # With fsync on, puts become durable in shared batches (`localsync.py`).
+        self._commits = GroupCommit() if config.fsync else None
 
     def memory_needed(self, size: int) -> int:
         return 0  # the kernel copies between descriptors; nothing is held in our memory
@@ -145,6 +148,8 @@ class LocalStore:
             self._executor = ThreadPoolExecutor(NO_FSYNC_THREADS, thread_name_prefix="local-store")
 
     async def close(self) -> None:
+        if self._commits is not None:
+            self._commits.close()
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)  # no put is running: the daemon closes stores last
@@ -174,18 +179,30 @@ class LocalStore:
         return await asyncio.to_thread(self._stat, key, parts, checksum)
 
     async def put(self, source: SourceFile, request: PutRequest) -> PutResult:
+        """Returns once the object is whole under its name, and durable there with fsync on."""
         parts = split_key(request.key)
         # The copy works on its own descriptor: if this task is cancelled and the caller
         # closes the source, the number cannot be reused under the running thread.
         fd = os.dup(source.fd)
-        if self._executor is not None and source.size <= INLINE_PUT_LIMIT:
-            # No fsync and a small file: done before this returns, so nothing to cancel.
-            return self._put(fd, source.size, source.check_unchanged, request.key, parts, _NEVER)
+        inline = source.size <= INLINE_PUT_LIMIT  # done before it returns: nothing to cancel
+        args = (fd, source.size, source.check_unchanged, request.key, parts)
+        if self._commits is None:
+            if inline:
+                return self._put(*args, _NEVER)
+            return await self._in_thread(functools.partial(self._put, *args))
+        if inline:
+            staged = self._stage(*args, _NEVER)
+        else:
+            staged = await self._in_thread(functools.partial(self._stage, *args))
+        with _os_errors(request.key):
+            await self._commits.commit(staged)
+        return PutResult(bytes_sent=source.size)
+
+    async def _in_thread(self, work: Callable[[threading.Event], _T]) -> _T:
+        """`work(cancelled)` in a worker thread; a cancellation waits for its cleanup."""
         cancelled = threading.Event()
         # A bare executor future, not a Task: the upload costs no extra task to shield it.
-        task = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._put, fd, source.size, source.check_unchanged, request.key, parts, cancelled
-        )
+        task = asyncio.get_running_loop().run_in_executor(self._executor, work, cancelled)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -193,11 +210,13 @@ class LocalStore:
             # before the caller goes on; a second cancellation stops the wait, not the cleanup.
             cancelled.set()
             await asyncio.wait([task])
-            if not task.cancelled():
-                task.exception()  # retrieved, so it is not reported as never retrieved
+            if not task.cancelled() and task.exception() is None:
+                result = task.result()
+                if isinstance(result, Staged):  # copied before it saw the flag: discard it
+                    result.close()
             raise
 
-    # -- blocking work, run in one worker thread per call ---------------------------------
+    # -- blocking work, run in one worker thread per call (or inline for small files) -----
 
     def _open_parent(self, key: str, parts: list[str], create: bool) -> tuple[int, list[int]]:
         """Descriptor of the key's parent directory, walked without following symlinks.
@@ -268,52 +287,70 @@ class LocalStore:
         parts: list[str],
         cancelled: threading.Event,
     ) -> PutResult:
+        """Without fsync: copy into a temporary file and rename it over the name at once."""
         dfd = -1
         touched: list[int] = []
         try:
             with _os_errors(key):
                 dfd, touched = self._open_parent(key, parts, create=True)
                 _refuse_directory(parts[-1], dfd, key)
-                self._write_over(src, size, dfd, parts[-1], check_unchanged, cancelled)
-                if self.config.fsync:
-                    for fd in (dfd, *touched):
-                        os.fsync(fd)
+                tmp_name, tmp_fd = _copy_to_temp(src, size, dfd, check_unchanged, cancelled)
+                os.close(tmp_fd)
+                try:
+                    os.replace(tmp_name, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp_name, dir_fd=dfd)
+                    raise
             return PutResult(bytes_sent=size)
         finally:
-            if dfd >= 0:
-                os.close(dfd)
-            for fd in touched:
+            for fd in (dfd, *touched) if dfd >= 0 else ():
                 os.close(fd)
             os.close(src)
 
-    def _write_over(
+    def _stage(
         self,
         src: int,
         size: int,
-        dfd: int,
-        name: str,
         check_unchanged: Callable[[], None],
+        key: str,
+        parts: list[str],
         cancelled: threading.Event,
-    ) -> None:
-        """Copy into a temporary file beside `name`, then rename it over: no reader sees a part."""
-        # Not derived from `name`: a name near NAME_MAX (255 bytes) must still fit.
-        tmp_name = f".{secrets.token_hex(8)}.tmp"
-        tmp_fd = os.open(tmp_name, _TMP_FLAGS, 0o644, dir_fd=dfd)
+    ) -> Staged:
+        """Copy into a temporary file beside the key's name: neither durable nor visible yet."""
         try:
-            try:
-                _copy(src, tmp_fd, size, cancelled)
-                if self.config.fsync:
-                    os.fsync(tmp_fd)
-            finally:
-                os.close(tmp_fd)
-            check_unchanged()
-            if cancelled.is_set():
-                raise _Cancelled
-            os.replace(tmp_name, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name, dir_fd=dfd)
-            raise
+            with _os_errors(key):
+                dfd, touched = self._open_parent(key, parts, create=True)
+                try:
+                    _refuse_directory(parts[-1], dfd, key)
+                    tmp_name, tmp_fd = _copy_to_temp(src, size, dfd, check_unchanged, cancelled)
+                except BaseException:
+                    for fd in (dfd, *touched):
+                        os.close(fd)
+                    raise
+                return Staged(dfd, tmp_name, tmp_fd, parts[-1], touched)
+        finally:
+            os.close(src)
+
+
+def _copy_to_temp(
+    src: int, size: int, dfd: int, check_unchanged: Callable[[], None], cancelled: threading.Event
+) -> tuple[str, int]:
+    """A new temporary file in `dfd` holding the source's bytes, as name and open descriptor."""
+    # Not derived from the key's name: a name near NAME_MAX (255 bytes) must still fit.
+    tmp_name = f".{secrets.token_hex(8)}.tmp"
+    tmp_fd = os.open(tmp_name, _TMP_FLAGS, 0o644, dir_fd=dfd)
+    try:
+        _copy(src, tmp_fd, size, cancelled)
+        check_unchanged()
+        if cancelled.is_set():
+            raise Cancelled
+    except BaseException:
+        os.close(tmp_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name, dir_fd=dfd)
+        raise
+    return tmp_name, tmp_fd
 
 
 def _copy(src: int, dst: int, size: int, cancelled: threading.Event) -> None:
@@ -322,7 +359,7 @@ def _copy(src: int, dst: int, size: int, cancelled: threading.Event) -> None:
     way = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
     while offset < size:
         if cancelled.is_set():
-            raise _Cancelled
+            raise Cancelled
         count = min(CHUNK, size - offset)
         n = 0
         try:
