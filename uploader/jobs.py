@@ -9,6 +9,7 @@ progress saved. Whatever happens, the job ends deleted, buried or back in beanst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,6 +35,7 @@ from uploader.tally import Tally
 log = structlog.get_logger("uploader.jobs")
 
 DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
+QUICK_JOB = 0.05  # seconds a job may run before it is kept alive and watched for a cancel
 
 Stop = Literal["cancelled", "lost", "draining", "paused"]
 
@@ -287,12 +289,13 @@ class Jobs:
         self.wake.set()
         try:
             async with asyncio.TaskGroup() as tg:
-                helpers = [
-                    tg.create_task(self.feed(run)),
-                    tg.create_task(self._keep_alive(run)),
-                    tg.create_task(self._watch_cancel(run)),
-                ]
-                await run.idle.wait()
+                helpers = [tg.create_task(self.feed(run))]
+                # A short job needs no keeper: its TTR is far off, and its first page said
+                # whether it was cancelled. One that lasts gets both.
+                if not await _set_within(run.idle, QUICK_JOB):
+                    helpers += [tg.create_task(self._keep_alive(run)),
+                                tg.create_task(self._watch_cancel(run))]
+                    await run.idle.wait()
                 for task in helpers:
                     task.cancel()
         finally:
@@ -302,7 +305,7 @@ class Jobs:
         # Announce only a job still ours: after a beanstalkd restart (or a TTR lapse) it is back
         # in its tube, and the run that holds it next finishes it, so it is announced once.
         try:
-            await self.source.touch(run.held)
+            await self.source.confirm(run.held)
         except ReservationLost as exc:
             await self._lost(run, f"reservation lost before the job finished: {exc}")
             return
@@ -350,6 +353,14 @@ class Jobs:
         for run in self.runs.values():
             if not run.stopped:
                 run.stop(why)
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+            return True
+    return False
 
 
 def _fields(obj: object) -> dict[str, object]:

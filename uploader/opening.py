@@ -1,5 +1,5 @@
-"""A job's first read, in one round trip: the head of its list, whether any key of it exists,
-and its cancel flag.
+"""A job's first read, in one round trip: the head of its list, and whether any key of it
+exists (its cancel flag included).
 
 Most job IDs are new: no run has left a hash, marks or reasons, so there is nothing to reset
 and nothing to resume. Such a run needs no START of its own: it begins on the page read here,
@@ -32,8 +32,8 @@ async def probe(
 ) -> Head | None:
     """The first page of a job that no run has touched; None for any other job."""
     own = [keys.job(job_id), *keys.internal(job_id)]  # one slot: the hash's
-    apart = [keys.failed(job_id)]
-    if not is_cluster(redis):
+    apart = [keys.failed(job_id), keys.cancel(job_id)]
+    if not is_cluster(redis):  # one EXISTS for all: a set cancel flag takes START's way too
         own, apart = own + apart, []
 
     async def call() -> list[object]:
@@ -43,17 +43,15 @@ async def probe(
             pipe.exists(*own)
             for key in apart:
                 pipe.exists(key)
-            pipe.exists(keys.cancel(job_id))
             replies: list[object] = await pipe.execute(raise_on_error=False)
             return replies
 
     replies = await until_done(call, "read job")
     entries: object = list(inline[:page_size]) if inline is not None else replies.pop(0)
-    *found, cancelled = replies
-    if not isinstance(entries, list) or not entries or any(n != 0 for n in found):
-        return None  # a wrong type, an empty list, or keys of an earlier run: START decides
+    if not isinstance(entries, list) or not entries or any(n != 0 for n in replies):
+        return None  # a wrong type, an empty list, keys of an earlier run, a cancel: START decides
     if inline is not None:
         total: int | None = len(inline)
     else:
         total = len(entries) if len(entries) < page_size else None
-    return Head(Page(0, entries, b"", bool(cancelled)), total)
+    return Head(Page(0, entries, b"", cancelled=False), total)

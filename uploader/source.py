@@ -74,6 +74,7 @@ class HeldJob:
     weight: int = 1
     address: str = ""
     put_at: float = 0.0  # Unix time of the producer's put, from beanstalkd's `age` of the job
+    touched: float = 0.0  # monotonic time of the reserve or the last touch
     _done: bool = field(default=False, repr=False)
 
     @property
@@ -130,6 +131,7 @@ class Source:
         # Idle connections per (address, tube they watch alone, or ALL).
         self._idle: dict[tuple[str, str], list[Connection]] = {}
         self._pool: dict[Connection, tuple[str, str]] = {}
+        self._opened: dict[str, int] = {}  # our connections per server, held, idle or reserving
         self._order = {a: TubeOrder(self._weights) for a in config.addresses}
         self.servers = servers or Servers(config.addresses)
 
@@ -159,6 +161,7 @@ class Source:
                 continue
             self.servers.reserving(address, None)
             self._pool[conn] = (address, tube)
+            self._opened[address] = self._opened.get(address, 0) + 1
             return conn
 
     async def _open(self, address: str, tube: str) -> Connection:
@@ -272,6 +275,7 @@ class Source:
             weight=self._weights.get(name, 1),
             address=address,
             put_at=self._time.wall() - int(stats.get("age", 0)),
+            touched=self._time.monotonic(),
         )
 
     def touch_interval(self, job: HeldJob) -> float:
@@ -295,6 +299,16 @@ class Source:
             await job.conn.touch(job.id)
         except (ConnectionLost, NotFound) as exc:
             raise ReservationLost(str(exc)) from exc
+        job.touched = self._time.monotonic()
+
+    async def confirm(self, job: HeldJob) -> None:
+        """Raise ReservationLost unless the job is still ours. Its connection is open and its
+        TTR was restarted less than half a TTR ago (and a second short of it): it is, with no
+        round trip; else a touch asks the server."""
+        if job.conn.gone:
+            raise ReservationLost(f"beanstalkd at {job.address} closed the connection")
+        if self._time.monotonic() - job.touched >= min(job.ttr / 2, job.ttr - 1):
+            await self.touch(job)
 
     async def settle(self, job: HeldJob, how: Settle, delay: int = 0) -> None:
         """Delete, bury or release (back to ready after `delay` seconds, at its own priority,
@@ -327,10 +341,13 @@ class Source:
             await self._keep_idle(job.conn, pool)
 
     async def _keep_idle(self, conn: Connection, pool: tuple[str, str]) -> None:
-        """Back to its pool for the next reserve; one idle connection per pool is enough (the
-        reserver takes one at a time), so the rest are closed: the connection budget holds."""
+        """Back to its pool for the next reserve, so a stream of short jobs opens no connection
+        per job. A pool keeps one idle connection, the pool of all tubes as many as the server's
+        share of the budget leaves room for (max_active_jobs + 1 open ones): the rest close."""
+        address, tube = pool
         idle = self._idle.setdefault(pool, [])
-        if idle:
+        room = tube == ALL and self._opened.get(address, 0) <= self.config.max_active_jobs + 1
+        if idle and not room:
             await self._drop(conn)
         else:
             idle.append(conn)
@@ -341,7 +358,8 @@ class Source:
         await self._drop(job.conn)
 
     async def _drop(self, conn: Connection) -> None:
-        self._pool.pop(conn, None)
+        if (pool := self._pool.pop(conn, None)) is not None:
+            self._opened[pool[0]] -= 1
         await conn.close()
 
     async def close(self) -> None:
@@ -350,6 +368,7 @@ class Source:
                 await conn.close()
             conns.clear()
         self._pool.clear()
+        self._opened.clear()
 
 
 class Monitor:
