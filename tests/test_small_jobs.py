@@ -166,3 +166,22 @@ async def test_a_stream_of_short_jobs_reuses_its_beanstalkd_connections(env: Env
     opened = int(stats["total-connections"]) - before
     # Reserving connections, the probe's and the completion producer's: far fewer than jobs.
     assert opened <= config.source.max_active_jobs + 6, opened
+
+
+async def test_a_close_that_finds_acknowledged_outcomes_lost_writes_the_ledger_again(
+    direct: aioredis.Redis,
+) -> None:
+    """A failover took an acknowledged batch (marks and counts): CLOSE sees a mark missing and
+    answers -2, and the long way writes the whole ledger again: counts exact."""
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    progress = Progress(direct, keys, RedisConfig(), "a:1")
+    await progress.start("job", 5)
+    for index in range(4):
+        progress.record("job", index, "uploaded", 10)
+    await progress.flush()
+    await direct.delete(keys.marks("job"))  # the promoted replica never had the batch
+    await direct.hset(keys.job("job"), mapping={"uploaded": 0, "bytes": 0})
+    progress.record("job", 4, "uploaded", 10)
+    message = await progress.finish("job", 1.0)
+    assert (message["state"], message["uploaded"], message["bytes"]) == ("done", 5, 50)
+    assert await direct.bitcount(keys.marks("job")) == 5

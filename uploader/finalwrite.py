@@ -19,7 +19,8 @@ from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
-from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, Batch, Ledger, scripted
+from uploader.ledger import Batch, Ledger
+from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, scripted
 from uploader.redisio import Keys, is_cluster
 
 log = structlog.get_logger("uploader.progress")
@@ -59,12 +60,17 @@ class FinalWrite:
 
     @staticmethod
     def closable(ledger: Ledger) -> bool:
-        return not ledger.failures and len(ledger.settled) <= 2 * CLOSE_LIMIT
+        """CLOSE takes a run with no failure, few outcomes not yet acknowledged, and the
+        acknowledged ones in a bitmap that is not sparse."""
+        if ledger.failures or len(ledger.settled) - ledger.acked > 2 * CLOSE_LIMIT:
+            return False
+        return ledger.acked == 0 or ledger.acknowledged()[0] >= 0
 
     async def close(self, c: Closing) -> dict[str, object] | None:
         """The whole last write in one script call (CLOSE; off a cluster the cancel flag and
-        the lists of jobs too), then what the verdict needs; None when a lazy start must be
-        written by START first (another run wrote the hash meanwhile)."""
+        the lists of jobs too), then what the verdict needs; None when the long way must
+        finish it: a lazy start met another run's hash, or Redis lost acknowledged outcomes
+        (a failover), which the long way writes again from the ledger."""
         k, job_id = self._keys, c.job_id
         keys = [k.job(job_id), *k.internal(job_id)]
         aside = [k.cancel(job_id), k.finished_jobs, k.failed_jobs]
@@ -78,10 +84,11 @@ class FinalWrite:
         args: list[EncodableT] = [
             *c.start, "1" if c.cancelled else "", self._config.progress_ttl, total, f"{c.seconds:.3f}",
             channel, "1" if c.walked else "", job_id, *("1" if t else "" for t in trims),
-            RECENT_JOBS, FAILED_JOBS, self._config.files_ttl or "", *c.ledger.whole().args(int(time.time())),
+            RECENT_JOBS, FAILED_JOBS, self._config.files_ttl or "", *c.ledger.acknowledged(),
+            *c.ledger.unacknowledged().args(int(time.time())),
         ]
         reply = (await scripted(self._redis, lambda pipe: CLOSE_SCRIPT(pipe, keys, args)))[0]
-        if reply == [-1]:
+        if reply in ([-1], [-2]):
             return None
         payload, published, failing, failed = reply
         message: dict[str, object] = json.loads(payload)

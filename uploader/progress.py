@@ -31,7 +31,8 @@ import structlog
 from uploader.config import RedisConfig
 from uploader.finalwrite import LIST_LABEL, Closing, FinalWrite
 from uploader.finalwrite import State as State
-from uploader.progresslua import APPLY_SCRIPT, Batch, Ledger, scripted
+from uploader.ledger import Batch, Ledger
+from uploader.progresslua import APPLY_SCRIPT, scripted
 from uploader.redisio import Keys, text, until_done
 from uploader.starts import Delivery as Delivery
 from uploader.starts import Start, Starts
@@ -179,11 +180,11 @@ class Progress:
         async with self._flush_lock:
             if job_id is None and self._pending:
                 self._full.clear()
-                self._unsent.append(self._pending)
+                self._unsent.append(self._marked(self._pending))
                 self._pending = defaultdict(Batch)
                 self._buffered = 0
             elif job_id is not None and (own := self._pending.pop(job_id, None)):
-                self._unsent.append({job_id: own})
+                self._unsent.append(self._marked({job_id: own}))
                 self._buffered -= len(own)
             while self._unsent:
                 try:
@@ -192,7 +193,22 @@ class Progress:
                     # A key of another type (see start): the rest of the batch is applied;
                     # sending it again would fail the same way.
                     log.error("progress_write_refused", error=str(exc))
+                else:
+                    self._acknowledged(self._unsent[0])
                 self._unsent.pop(0)
+
+    def _marked(self, batches: dict[str, Batch]) -> dict[str, Batch]:
+        """Each batch knows how much of its job's ledger it completes (ledgers grow in the
+        order outcomes are recorded, so everything before it is in earlier batches)."""
+        for job_id, batch in batches.items():
+            if (ledger := self._ledgers.get(job_id)) is not None:
+                batch.upto = len(ledger.settled)
+        return batches
+
+    def _acknowledged(self, batches: dict[str, Batch]) -> None:
+        for job_id, batch in batches.items():
+            if (ledger := self._ledgers.get(job_id)) is not None:
+                ledger.acked = max(ledger.acked, batch.upto)
 
     async def _write(self, batch: dict[str, Batch]) -> dict[str, int]:
         """Apply each job's outcomes (one script per job, pipelined, per node on a cluster),

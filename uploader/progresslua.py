@@ -9,9 +9,7 @@ beside the script, and rebuilt from the failing entries when the job finishes.
 from __future__ import annotations
 
 import hashlib
-from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -249,17 +247,28 @@ return {stored, failing}
 # ARGV[1..6]: a lazy start as in APPLY; 7: 'cancelled' or ''; 8: ttl; 9: total ('' unknown);
 # 10: seconds; 11: the events channel ('' to leave the publish to the caller); 12: '1' when
 # the run walked directories; 13: the job ID; 14, 15: '1' to trim the finished, failed sets;
-# 16, 17: how many they keep; 18: files_ttl (''); the batch from ARGV[19] on.
-# Returns {-1} when a lazy start finds another run's hash (START first, then again), else
-# {message, published, failing entries' values, failed count}. A failed verdict is never
-# published here: its reasons are rebuilt first.
+# 16, 17: how many they keep; 18: files_ttl (''); 19, 20: the first byte and the bitmap of
+# the run's acknowledged successes (-1: none); the batch (what was not acknowledged) from
+# ARGV[21] on.
+# Returns {-1} when a lazy start finds another run's hash (START first, then again), {-2}
+# when the marks lack an acknowledged success (a failover lost it: the long way writes the
+# ledger again), else {message, published, failing entries' values, failed count}. A failed
+# verdict is never published here: its reasons are rebuilt first.
 CLOSE = APPLY_FN + """
 local h, ttl = KEYS[1], tonumber(ARGV[8])
 local c, state, total = counters(h)
 local lazy = ARGV[1] ~= ''
 if lazy and state then return {-1} end
-local now = ARGV[19]
-local taken, recorded, expired = apply(c, KEYS[2], KEYS[4], 18, lazy, ttl)
+if tonumber(ARGV[19]) >= 0 then
+  local want = ARGV[20]
+  local have = redis.call('GETRANGE', KEYS[2], ARGV[19], tonumber(ARGV[19]) + #want - 1)
+  for i = 1, #want do
+    local w = string.byte(want, i)
+    if bit.band(w, string.byte(have, i) or 0) ~= w then return {-2} end
+  end
+end
+local now = ARGV[21]
+local taken, recorded, expired = apply(c, KEYS[2], KEYS[4], 20, lazy, ttl)
 local verdict = 'done'
 if ARGV[7] ~= '' then verdict = 'cancelled' elseif c.fl > 0 then verdict = 'failed' end
 local fields = counted(c, now)
@@ -287,7 +296,7 @@ if #KEYS > 4 then
     redis.call('ZADD', l[1], now, ARGV[13])
     if l[2] ~= '' then
       redis.call('ZREMRANGEBYRANK', l[1], 0, -tonumber(l[3]) - 1)
-      redis.call('ZREMRANGEBYSCORE', l[1], '-inf', now - ttl)
+      redis.call('ZREMRANGEBYSCORE', l[1], '-inf', tonumber(now) - ttl)
       redis.call('EXPIRE', l[1], ttl)
     end
   end
@@ -332,83 +341,6 @@ class Lua:
 
     async def load(self, client: aioredis.Redis) -> None:
         await client.script_load(self.source)
-
-
-@dataclass(slots=True)
-class Batch:
-    """One job's outcomes on their way to Redis, in APPLY's argument shapes."""
-
-    indexes: list[int] = field(default_factory=list)  # the successes
-    sizes: list[int] = field(default_factory=list)  # their bytes, -1 when found present
-    failures: list[EncodableT] = field(default_factory=list)  # index, label, reason, ...
-
-    def __len__(self) -> int:
-        return len(self.indexes) + len(self.failures) // 3
-
-    def success(self, index: int, size: int) -> None:
-        self.indexes.append(index)
-        self.sizes.append(size)
-
-    def args(self, now: int) -> list[EncodableT]:
-        indexes, sizes = self.indexes, self.sizes
-        first, bitmap = _bitmap(indexes)
-        uploaded = [s for s in sizes if s >= 0]
-        pairs = " ".join(f"{i} {s}" for i, s in zip(indexes, sizes, strict=True))
-        return [now, first, bitmap, len(indexes), len(uploaded), len(sizes) - len(uploaded), sum(uploaded),
-                pairs, *self.failures]
-
-    def reasons(self, recorded: Sequence[bytes]) -> dict[str, str]:
-        """label -> reason of the failures APPLY recorded."""
-        wanted = {int(i) for i in recorded}
-        triples = zip(self.failures[0::3], self.failures[1::3], self.failures[2::3], strict=True)
-        return {str(label): str(reason) for index, label, reason in triples if index in wanted}
-
-
-def _bitmap(indexes: list[int]) -> tuple[int, bytes]:
-    """The first byte and the bitmap of these entries, or (-1, b"") when it would be sparse:
-    more than 64 bytes and over two bytes per entry (APPLY then sets bit by bit)."""
-    if not indexes:
-        return -1, b""
-    first, last = min(indexes) >> 3, max(indexes) >> 3
-    if last - first >= max(64, 2 * len(indexes)):
-        return -1, b""
-    bitmap = bytearray(last - first + 1)
-    for index in indexes:
-        bitmap[(index >> 3) - first] |= 0x80 >> (index & 7)
-    return first, bytes(bitmap)
-
-
-class Ledger:
-    """What this run settled, kept until its final write. Redis acknowledges a write before
-    its replica has it, so a failover can lose outcomes: the final write sends again those
-    whose marks are missing, and they count then. 16 bytes per settled entry."""
-
-    __slots__ = ("failures", "settled")
-
-    def __init__(self) -> None:
-        self.settled = array("q")  # index, bytes (-1: found present), index, bytes, ...
-        self.failures: dict[int, tuple[str, str]] = {}
-
-    def success(self, index: int, nbytes: int) -> None:
-        self.settled.extend((index, nbytes))
-
-    def whole(self) -> Batch:
-        """Every outcome of the run."""
-        return self.missing(b"")
-
-    def missing(self, bitmap: bytes) -> Batch:
-        """The outcomes Redis does not show: unmarked successes, and every failure (APPLY
-        records a failure only while its entry is unmarked, so sending it again is safe)."""
-        batch = Batch()
-        settled = self.settled
-        for k in range(0, len(settled), 2):
-            index = settled[k]
-            byte = index >> 3
-            if byte >= len(bitmap) or not bitmap[byte] & (0x80 >> (index & 7)):
-                batch.success(index, settled[k + 1])
-        for index, (label, reason) in self.failures.items():
-            batch.failures += (index, label, reason)
-        return batch
 
 
 APPLY_SCRIPT, START_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT = Lua(APPLY), Lua(START), Lua(FINISH), Lua(REASONS)
