@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what uploader needs on a fresh Debian/Ubuntu machine: beanstalkd, redis-server and
-# systemd's analysis tools from apt (only those missing), and a virtualenv in .venv with the
+# Installs what uploader needs on a fresh Debian/Ubuntu machine: beanstalkd, redis-server,
+# systemd's analysis tools and chromium from apt (only those missing), and a virtualenv in .venv with the
 # package and its dev extra. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ missing=()
 command -v beanstalkd >/dev/null || missing+=(beanstalkd)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v chromium >/dev/null || missing+=(chromium)  # the status page's browser test
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

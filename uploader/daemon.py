@@ -27,7 +27,7 @@ from uploader.clock import SYSTEM, Time
 from uploader.config import Config
 from uploader.errors import ConfigError
 from uploader.health import Health, problem
-from uploader.heartbeat import Heartbeat
+from uploader.heartbeat import Heartbeat, Report
 from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
 from uploader.progress import Progress
@@ -78,7 +78,8 @@ class Daemon:
         completion_tube = config.source.completion_tube
         self.producer = Producer(addresses, completion_tube, self.servers.up) if completion_tube else None
         completions = CompletionSink(self.progress, self._announce if self.producer else None)
-        self.heartbeat = Heartbeat(self.redis, self.keys, self.worker, time)
+        self.heartbeat = Heartbeat(self.redis, self.keys, self.worker, time, report=lambda: worker_report(
+            self.scheduler, draining=self.stop.is_set(), paused=tuple(self.health.reasons())))
         self.scheduler = Scheduler(config, self.source, self.store, self.redis, self.progress, self.metrics,
                                    completions, health=self.health, time=time, worker=self.worker)
         self.notifier = sdnotify.Notifier()
@@ -102,6 +103,7 @@ class Daemon:
             keys=self.keys,
             token=self.config.http.token,
             sources=self.servers.view,
+            cancel_ttl=self.config.redis.progress_ttl,
         )
 
     # --- the whole life ---
@@ -213,6 +215,7 @@ class Daemon:
         log.info("reloaded", concurrency=live.upload.concurrency, log_level=live.daemon.log_level)
         if change.restart:
             log.warning("reload_needs_restart", tables=list(change.restart))
+
     # --- side tasks: they log and carry on, never end the daemon ---
 
     async def _announce_ready(self) -> None:
@@ -247,10 +250,10 @@ class Daemon:
         period: a ping proves that this event loop still turns."""
         watchdog = sdnotify.watchdog_interval()
         every = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
-        settled, since = self._settled(), self.time.monotonic()
+        settled, since = self.scheduler.snapshot().settled, self.time.monotonic()
         while True:
             await self.time.sleep(every)
-            now, files = self.time.monotonic(), self._settled()
+            now, files = self.time.monotonic(), self.scheduler.snapshot().settled
             rate = (files - settled) / (now - since) if now > since else 0.0
             settled, since = files, now
             status = f"STATUS={'draining: ' if self.stop.is_set() else ''}{self._status_text(rate)}"
@@ -278,9 +281,6 @@ class Daemon:
 
     async def _ping_redis(self) -> None:
         await redisio.writable(self.probe_redis)
-
-    def _settled(self) -> int:
-        return self.scheduler.snapshot().settled
 
     def _status_text(self, rate: float | None = None) -> str:
         now = self.scheduler.snapshot()
@@ -315,6 +315,16 @@ def _signal_handlers(handlers: Mapping[signal.Signals, Callable[[], None]]) -> I
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def worker_report(scheduler: Scheduler, draining: bool, paused: tuple[str, ...]) -> Report:
+    """What the heartbeat tells the fleet's status page of this worker."""
+    now = scheduler.snapshot()
+    files = scheduler.summary.files
+    held = sorted(now.jobs, key=lambda job: -job.seconds)
+    return Report(jobs=tuple((job.id, job.tube, job.seconds) for job in held), slots_in_use=now.inflight,
+                  slots=scheduler.slots.limit, files=files.settled, bytes=files.bytes, draining=draining,
+                  paused=paused)
 
 
 # --- side tasks: they log and carry on, never end the daemon ---

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from uploader import placement
+from uploader import actions, placement
 from uploader.beanstalk import BeanstalkError, Connection, ConnectionLost, NotFound
 from uploader.clicommon import (
     NO,
@@ -39,8 +39,8 @@ from uploader.redisio import Keys, text, text_map
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-FINAL_STATES = {"done", "failed", "cancelled"}
-LIVE_STATES = {"queued", "running"}
+FINAL_STATES = actions.FINAL_STATES
+LIVE_STATES = actions.LIVE_STATES
 HINT_AFTER = 5.0  # seconds a waited-for job may sit queued before we look for a daemon
 
 
@@ -247,29 +247,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with redis_keys(config) as (redis, keys):
-            state = text_map(await redis.hgetall(keys.job(job_id)))
-            listed = bool(await redis.exists(keys.files(job_id)))
-            refusal = _not_cancellable(state, listed)
-            if refusal is not None:
-                raise CliError(f"job {job_id} is not queued or running ({refusal})", NO)
-            # Expiring with the progress, so a stale flag never cancels a later job of this ID.
-            await redis.set(keys.cancel(job_id), int(time.time()), ex=config.redis.progress_ttl)
-        print(f"cancel requested for {job_id}")
+            try:
+                print(await actions.cancel(redis, keys, job_id, config.redis.progress_ttl))
+            except actions.Refused as exc:
+                raise CliError(str(exc), NO) from None
         return OK
 
     return run_async(main())
-
-
-def _not_cancellable(state: dict[str, str], listed: bool) -> str | None:
-    """Why a job cannot be cancelled (`state done`, `unknown`); None when it is queued or running.
-
-    A job with a files list and no progress hash yet was put and not started: it is queued.
-    """
-    if state.get("state") in LIVE_STATES and "finished_at" not in state:
-        return None
-    if not state and listed:
-        return None
-    return f"state {state['state']}" if "state" in state else "unknown"
 
 
 def cmd_failed(args: argparse.Namespace) -> int:
@@ -367,29 +351,17 @@ async def _retry_jobs(config: Config, job_ids: list[str]) -> int:
     try:
         for job_id, state in zip(job_ids, states, strict=True):
             try:
-                print(await _kick_failed(conns, job_id, state))
-            except (CliError, BeanstalkError) as exc:
+                print(await actions.kick_failed(conns, job_id, state))
+            except actions.Refused as exc:
                 print(f"uploader: {exc}", file=sys.stderr)
-                code = max(code, exc.code if isinstance(exc, CliError) else UNREACHABLE)
+                code = max(code, NO)
+            except BeanstalkError as exc:
+                print(f"uploader: {exc}", file=sys.stderr)
+                code = max(code, UNREACHABLE)
     finally:
         for conn in conns.values():
             await conn.close()
     return code
-
-
-async def _kick_failed(conns: dict[str, Connection], job_id: str, state: dict[str, str]) -> str:
-    """Kick one failed job; its hash names the server and the beanstalkd job that was buried."""
-    address, number = state.get("beanstalkd", ""), state.get("beanstalk_job", "")
-    if state.get("state") != "failed" or not address or not number.isdigit():
-        raise CliError(f"job {job_id} is not failed (state {state.get('state', 'unknown')})", NO)
-    conn = conns.get(address)
-    if conn is None or conn.closed:
-        conn = conns[address] = await connect(address)
-    try:
-        await within(conn, conn.kick_job(int(number)))
-    except NotFound:
-        raise CliError(f"job {job_id} is not buried on {address} (beanstalkd job {number})", NO) from None
-    return f"kicked {job_id} (beanstalkd job {number} on {address})"
 
 
 async def _retry_all(config: Config) -> int:

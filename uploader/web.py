@@ -1,7 +1,9 @@
-"""The operator's HTTP API: health, readiness, Prometheus metrics and job progress.
+"""The operator's HTTP API: health, readiness, Prometheus metrics, job progress, and the fleet's
+status page (statuspage.py).
 
-Every answer but /metrics is JSON, errors included: `{"error": CODE, "message": TEXT}` with a
-stable CODE. With a token configured, every route but /healthz needs `Authorization: Bearer`.
+Every answer but /metrics and the page's files is JSON, errors included: `{"error": CODE,
+"message": TEXT}` with a stable CODE. With a token configured, every route but /healthz, the
+page's files and its login needs `Authorization: Bearer` or the page's login cookie.
 Probes run under a short timeout each, so a hung dependency makes /readyz say 503, not hang.
 """
 
@@ -18,7 +20,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from uploader import statuspage
 from uploader.errors import ConfigError
+from uploader.fleet import field_value
 from uploader.manifest import JOB_ID
 from uploader.redisio import OUTAGE_ERRORS, Keys, text, text_map
 
@@ -27,7 +31,6 @@ log = structlog.get_logger("uploader.web")
 PROBE_TIMEOUT = 0.9  # seconds per readiness probe; they run concurrently
 MAX_FAILURES = 100  # failure reasons returned by /jobs/{id}
 _COUNTERS = ("total", "uploaded", "skipped", "failed", "bytes")
-_INT_FIELDS = frozenset({*_COUNTERS, "started_at", "updated_at", "finished_at", "beanstalk_job", "put_at"})
 HISTORY_JOBS = 50  # finished and failed jobs listed by /jobs, each
 _LISTED_FIELDS = ("state", *_COUNTERS, "tube", "worker", "started_at", "finished_at")
 
@@ -55,6 +58,7 @@ class Api:
         keys: Keys,
         token: str = "",
         sources: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
+        cancel_ttl: int = 86400,
     ) -> None:
         self.registry = registry
         self.probes = probes
@@ -65,6 +69,7 @@ class Api:
         self.keys = keys
         self.token = token.encode()
         self.sources = sources
+        self.page = statuspage.StatusPage(redis, keys, lambda: self.token, cancel_ttl)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -73,14 +78,15 @@ class Api:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/jobs", self.jobs)
         app.router.add_get("/jobs/{id}", self.job)
+        self.page.add_routes(app)
         return app
 
     @web.middleware
     async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Bearer token on every route but /healthz; any error becomes a JSON body."""
-        if self.token and request.path != "/healthz" and not self._authorised(request):
+        """The token on every route but the open ones; any error becomes a JSON body."""
+        if self.token and request.path not in statuspage.OPEN_PATHS and not self._authorised(request):
             return error(401, "unauthorized", "missing or wrong bearer token",
                          {"WWW-Authenticate": 'Bearer realm="uploader"'})
         try:
@@ -96,7 +102,9 @@ class Api:
 
     def _authorised(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(given.strip().encode(), self.token)
+        return statuspage.has_session(request, self.token)
 
     async def healthz(self, request: web.Request) -> web.Response:
         # Answering at all proves the event loop turns; that is what liveness means here.
@@ -145,9 +153,8 @@ class Api:
         for job_id, values in zip(ids, rows, strict=True):
             if values[0] is None:  # its progress expired: the index outlived it
                 continue
-            fields = {
-                k: _field(k, text(v)) for k, v in zip(_LISTED_FIELDS, values, strict=True) if v is not None
-            }
+            named = zip(_LISTED_FIELDS, values, strict=True)
+            fields = {k: field_value(k, text(v)) for k, v in named if v is not None}
             listed.append({"id": job_id, **fields})
         return listed
 
@@ -166,7 +173,7 @@ class Api:
         # Hashes written before counters started at 0 lack some: default them, a stable shape.
         fields: dict[str, object] = dict.fromkeys(_COUNTERS, 0)
         for k, v in text_map(raw).items():
-            fields[k] = _field(k, v)
+            fields[k] = field_value(k, v)
         return web.json_response(
             {"id": job_id, **fields, "failures": failures, "failures_truncated": truncated}
         )
@@ -184,10 +191,6 @@ class Api:
                 found[text(k)] = text(v)
             if cursor == 0:
                 return found, False
-
-
-def _field(name: str, value: str) -> object:
-    return int(value) if name in _INT_FIELDS and value.lstrip("-").isdigit() else value
 
 
 async def probe_all(probes: Mapping[str, Probe]) -> dict[str, str | None]:
