@@ -107,7 +107,8 @@ async def test_the_status_page_shows_the_fleet_and_its_actions_work(
     assert await page.locator("main img").count() == 0 and alerts == []
     await expect(page.locator("#chart figure")).to_have_count(2)  # files/s and bytes/s
     await expect(page.locator("#chart figure").first.locator("rect")).to_have_count(60)
-    heights = await page.locator("#chart rect").evaluate_all("rects => rects.map(r => +r.getAttribute('height'))")
+    heights = await page.locator("#chart rect").evaluate_all(
+        "rects => rects.map(r => +r.getAttribute('height'))")
     assert max(heights) > 0
     shot = await page.screenshot(full_page=True)
     for where in (str(tmp_path / "status-page.png"), os.environ.get("UPLOADER_SCREENSHOT")):

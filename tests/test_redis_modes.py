@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.helpers import Env, RecordingStore, local_store, run_cli, toml_text, wait_until
 from uploader import devredis, devservers
+from uploader import heartbeat as heartbeat_mod
 from uploader.config import RedisConfig
 from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
@@ -285,3 +287,36 @@ async def test_directories_the_http_api_retry_and_files_ttl_on_a_cluster(
 
 async def _state_is(env: Env, job_id: str, state: str) -> bool:
     return (await env.state(job_id)).get("state") == state
+
+
+async def test_the_status_page_reads_the_fleet_from_a_cluster(
+    cluster_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers, throughput and jobs are keys on several nodes: one refresh reads them all, and
+    an action goes to the job's node."""
+    monkeypatch.setattr(heartbeat_mod, "HEARTBEAT_INTERVAL", 0.2)
+    env = cluster_env
+    job_ids = [f"page{i}-{env.tag}" for i in range(4)]
+    for n, job_id in enumerate(job_ids):
+        paths = [str(p) for p in env.write_files(3, sub=job_id)]
+        await env.push_job(job_id, paths + ([str(env.uploads / "missing.txt")] if n % 2 else []))
+    port = devservers.free_port()
+    config = env.config(redis={"mode": "cluster"}, http={"listen": f"127.0.0.1:{port}", "token": "t0k"})
+    async with env.daemon(config), aiohttp.ClientSession() as http:
+        for job_id in job_ids:
+            await env.wait_final(job_id)
+        auth = {"Authorization": "Bearer t0k"}
+
+        async def fleet() -> dict[str, Any] | None:
+            async with http.get(f"http://127.0.0.1:{port}/fleet", headers=auth) as reply:
+                body: dict[str, Any] = await reply.json()
+            counted = sum(bucket["files"] for bucket in body["throughput"])
+            return body if body["workers"] and counted == 14 else None
+
+        body = await wait_until(fleet, 20, "the fleet, read from the cluster")
+        assert {job["id"] for job in body["finished"]} == set(job_ids)
+        assert sorted(job["id"] for job in body["failed"]["jobs"]) == sorted(job_ids[1::2])
+        assert all(job["reasons"][0][0].endswith("missing.txt") for job in body["failed"]["jobs"])
+        url = f"http://127.0.0.1:{port}/jobs/{job_ids[1]}/retry"
+        async with http.post(url, headers={**auth, "X-Confirm": "retry"}) as reply:
+            assert reply.status == 200, await reply.text()

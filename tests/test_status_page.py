@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import Env, HeldStore, get, listen, wait_until
 from tests.test_web import serving
+from uploader import devservers
 from uploader import fleet as fleet_mod
 from uploader import heartbeat as heartbeat_mod
 from uploader.heartbeat import Heartbeat, Report, info_key, throughput_key
@@ -217,3 +218,16 @@ async def test_what_a_worker_says_of_itself_expires_and_goes_with_a_clean_stop(e
     await beat.leave()
     assert not await env.redis.exists(info_key(keys, "host-a:42"))
     assert (await fleet_mod.Fleet(env.redis, keys).read(time.time()))["workers"] == []
+
+
+@pytest.mark.timeout(30)
+async def test_with_redis_down_the_page_data_says_so_fast(env: Env, http: aiohttp.ClientSession) -> None:
+    dead = f"redis://127.0.0.1:{devservers.free_port()}/0"
+    config, base = listen(env, redis={"url": dead})
+    async with serving(env, http, config, base):
+        started = time.monotonic()
+        status, body = await get(http, f"{base}/fleet")
+        assert (status, body["error"]) == (503, "redis_unavailable")
+        assert time.monotonic() - started < 5
+        async with http.get(base) as reply:  # the page itself still loads, and will say why
+            assert reply.status == 200
