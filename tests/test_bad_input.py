@@ -26,7 +26,7 @@ import pytest
 import structlog
 
 from tests.helpers import Env, deep_merge, hook_open, toml_text, wait_until, write_config
-from uploader import cli
+from uploader import cli, statuspage
 from uploader import config as config_mod
 from uploader.beanstalk import JobTooBig
 from uploader.config import HttpConfig
@@ -657,15 +657,21 @@ async def test_token_guards_every_route_but_healthz_and_nothing_leaks(
             await env.put("bad body!")
             await env.wait_final(job_id)
             routes = sorted({r.resource.canonical for r in daemon.api.app().router.routes()
-                             if r.resource is not None})
-            assert {"/healthz", "/readyz", "/metrics", "/jobs", "/jobs/{id}"} <= set(routes)
+                             if r.resource is not None and r.method == "GET"})
+            assert {"/healthz", "/readyz", "/metrics", "/jobs", "/jobs/{id}", "/fleet"} <= set(routes)
             bodies: list[str] = []
             for route in routes:
                 url = base + route.replace("{id}", job_id)
                 for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
                     async with http.get(url, headers=headers) as resp:
                         bodies.append(await resp.text())
-                        assert resp.status == (200 if route == "/healthz" else 401), (route, headers)
+                        open_route = route in statuspage.OPEN_PATHS  # the page's own files, no data
+                        assert resp.status == (200 if open_route else 401), (route, headers)
+            for action in ("retry", "cancel"):
+                url = f"{base}/jobs/{job_id}/{action}"
+                async with http.post(url, headers={"X-Confirm": action}) as resp:
+                    bodies.append(await resp.text())
+                    assert resp.status == 401, action
                 async with http.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
                     bodies.append(await resp.text())
                     assert resp.status != 401, (route, bodies[-1])
