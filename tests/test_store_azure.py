@@ -9,6 +9,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from uploader.errors import (
     ThrottledError,
     TransientFileError,
 )
+from uploader.files import SourceFile
 from uploader.stores import open_store
 from uploader.stores.azure import AzureStore, blob_name
 from uploader.stores.azureerrors import classify_azure_error
@@ -171,6 +173,70 @@ async def test_blocks_are_staged_part_concurrency_at_a_time(
     finally:
         await store.close()
     assert (await read_back(container, "held"))[0] == data
+
+
+def append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+class ChangingSource(SourceFile):
+    """A source whose file grows once its first block has been read."""
+
+    __slots__ = ()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await super().read(offset, length)
+        if offset == 0:
+            append(self.path, b"appended while uploading")
+        return data
+
+
+class BlockingSource(SourceFile):
+    """A source that stops before its second block until the test lets it go (never)."""
+
+    __slots__ = ("never", "second")
+
+    def __init__(self, fd: int, path: str, st: os.stat_result) -> None:
+        super().__init__(fd, path, st)
+        self.second = asyncio.Event()
+        self.never = asyncio.Event()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset > 0:
+            self.second.set()
+            await self.never.wait()
+        return await super().read(offset, length)
+
+
+def opened(cls: type[SourceFile], path: Path, data: bytes) -> SourceFile:
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return cls(fd, str(path), os.fstat(fd))
+
+
+async def test_a_file_changing_while_its_blocks_go_up_commits_nothing(
+    store: AzureStore, src_dir: Path
+) -> None:
+    source = opened(ChangingSource, src_dir / "grows", os.urandom(6 * PART))
+    with source, pytest.raises(TransientFileError, match="changed"):
+        await store.put(source, PutRequest("grows", "application/x"))
+    assert await store.stat("grows") is None
+
+
+async def test_a_cancelled_block_upload_commits_nothing_and_leaves_no_task(
+    store: AzureStore, src_dir: Path
+) -> None:
+    before = asyncio.all_tasks()
+    with opened(BlockingSource, src_dir / "big", os.urandom(6 * PART)) as source:
+        assert isinstance(source, BlockingSource)
+        task = asyncio.create_task(store.put(source, PutRequest("cancelled", "application/x")))
+        await asyncio.wait_for(source.second.wait(), 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert asyncio.all_tasks() == before
+    assert await store.stat("cancelled") is None
 
 
 async def test_prefix_is_applied_to_the_blob_name(
