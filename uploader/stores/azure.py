@@ -151,8 +151,11 @@ class AzureStore:
         if self._container is not None:
             return
         t = self.config.timeout
+        # A socket for every request that may be in flight: each upload slot, and a big file's
+        # blocks (the byte budget bounds how many big files go at once).
+        sockets = max(10, self.concurrency * self.config.part_concurrency)
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(10, self.concurrency), limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=sockets, limit_per_host=0),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=True,  # HTTPS_PROXY and NO_PROXY, as the SDK's own session would
