@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
@@ -347,7 +348,11 @@ async def test_missing_container_starts_and_its_check_names_it(connection: str, 
     """Like S3's missing bucket: an outage readiness reports (it may be created in a minute)."""
     missing = f"missing-{uuid.uuid4().hex[:12]}"
     store = AzureStore(make_config(connection, missing), 2)
-    await store.start()
+    with structlog.testing.capture_logs() as logged:
+        await store.start()
+    assert [(e["event"], e["reason"]) for e in logged] == [
+        ("store_unavailable", f"azure: container {missing!r} does not exist (ContainerNotFound, 404)")
+    ]
     try:
         with pytest.raises(InfrastructureError, match=missing) as info:
             await store.check()
@@ -358,8 +363,7 @@ async def test_missing_container_starts_and_its_check_names_it(connection: str, 
             await store.stat("f")
     finally:
         await store.close()
-    assert "does not exist" in str(info.value) or "ContainerNotFound" in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "ContainerNotFound" in str(info.value) and "\n" not in str(info.value)
     assert not put.value.per_key
 
 
