@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what uploader needs on a fresh Debian/Ubuntu machine: beanstalkd, redis-server,
-# systemd's analysis tools and chromium from apt (only those missing), and a virtualenv in .venv with the
-# package and its dev extra. Safe to run again.
+# systemd's analysis tools and chromium (the status page's browser test) from apt (only those
+# missing), and a virtualenv in .venv with the package and its dev extra; for the Azure tests,
+# Azurite (npm) in a cache, with node and npm from apt if npm is missing. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +10,8 @@ missing=()
 command -v beanstalkd >/dev/null || missing+=(beanstalkd)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
-command -v chromium >/dev/null || missing+=(chromium)  # the status page's browser test
+command -v chromium >/dev/null || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -24,3 +26,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# Azurite, the Azure Blob emulator the tests run (uploader/devservers.py looks for it here).
+azurite_cache="${UPLOADER_TEST_CACHE:-$HOME/.cache/uploader-test}/azurite"
+if [ ! -x "$azurite_cache/node_modules/.bin/azurite-blob" ]; then
+  echo "setup: installing azurite into $azurite_cache"
+  mkdir -p "$azurite_cache"
+  npm install --prefix "$azurite_cache" --no-audit --no-fund --loglevel=error azurite@3.35.0 >/dev/null
+fi

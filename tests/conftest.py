@@ -81,6 +81,15 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite_endpoint() -> Iterator[str]:
+    """Azurite's blob service on a free loopback port (`devservers.azurite`): its endpoint,
+    for `devservers.azurite_connection_string`. Started only by the tests that ask for it."""
+    server = devservers.azurite().start()
+    yield f"http://{server.address}"
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep the developer's ~/.aws and environment out of the tests."""

@@ -9,7 +9,9 @@ as one in the test's loop. Every request is read whole, then matched against the
 - ``blackhole``: read the request and never answer, until the client gives up;
 - ``delay``: forward, then hold the answer for ``delay`` seconds (a slow S3);
 - ``hold``: forward only once the test releases the key (`release`), so a test can act while
-  an upload is provably in flight.
+  an upload is provably in flight;
+- ``corrupt``: flip one byte in the middle of the request body, then forward it (a body
+  damaged on the way, which the store must refuse by its checksum).
 
 Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
 is relayed back with ``Connection: close``: no response parsing, and a fault can never leave
@@ -31,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold"
+Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold" | "corrupt"
 
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -242,6 +244,9 @@ class FaultProxy:
             record.ended = time.monotonic()
             return
         body = await reader.readexactly(length)
+        if fault == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         if fault == "slowdown":
             await self._answer(writer, record, self._slowdown())
             return

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
+from uploader.azureconfig import AzureStoreConfig as AzureStoreConfig
 from uploader.configtable import MISSING, Table, show
 from uploader.configtable import MiB as MiB
 from uploader.configtable import mask_url as mask_url
@@ -140,7 +141,9 @@ class Config:
     path: str = "<defaults>"
 
 
-SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token", "token"})
+SECRET_FIELDS = frozenset(
+    {"access_key_id", "secret_access_key", "session_token", "token", "connection_string"}
+)
 # (name, value) pairs whose names may be shown but whose values are secrets.
 SECRET_PAIR_FIELDS = frozenset({"headers"})
 

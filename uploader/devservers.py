@@ -57,6 +57,7 @@ class Server:
     workdir: str
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     quiet: bool = False  # output to /dev/null (a full beanstalkd logs every failed accept)
+    ready_timeout: float = 10.0  # seconds to wait for its port
 
     @property
     def address(self) -> str:
@@ -66,7 +67,7 @@ class Server:
         log = open(os.devnull if self.quiet else os.path.join(self.workdir, "server.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, self.ready_timeout, proc=self.proc)
         return self
 
     def stop(self, kill: bool = False) -> None:
@@ -115,6 +116,49 @@ def redis(port: int | None = None, aof: bool = False) -> Server:
         "no",
     ]
     return Server(argv, port, workdir)
+
+
+# Azure's well-known development account (Azurite's): public, in every Azure SDK's docs.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_connection_string(endpoint: str) -> str:
+    """The dev account's connection string for Azurite's blob service at `endpoint` (http://host:port)."""
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};"
+    )
+
+
+def azurite_binary() -> str:
+    """`azurite-blob`: $AZURITE_BLOB, else the cache scripts/setup.sh installs it to, else PATH."""
+    cache = os.environ.get("UPLOADER_TEST_CACHE") or os.path.expanduser("~/.cache/uploader-test")
+    for candidate in (os.environ.get("AZURITE_BLOB", ""), f"{cache}/azurite/node_modules/.bin/azurite-blob"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("azurite-blob")
+    if found is None:
+        raise RuntimeError("azurite-blob is not installed (bash scripts/setup.sh installs it with npm)")
+    return found
+
+
+def azurite(port: int | None = None) -> Server:
+    """Azurite's blob service (the npm package), data in a temp dir, no telemetry, no access log."""
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="azurite-")
+    argv = [
+        azurite_binary(),
+        "--blobHost", "127.0.0.1",
+        "--blobPort", str(port),
+        "--location", workdir,
+        "--silent",
+        "--skipApiVersionCheck",
+        "--loose",
+        "--disableTelemetry",
+    ]
+    # Node starts in about a second; give a loaded machine far longer.
+    return Server(argv, port, workdir, ready_timeout=60.0)
 
 
 async def await_completions(address: str, tube: str, count: int, timeout: float) -> list[dict[str, Any]]:

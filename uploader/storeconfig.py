@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 from urllib.parse import urlsplit
 
+from uploader.azureconfig import AzureStoreConfig, read_azure
 from uploader.configtable import MiB, Table, mask_url, show
 
-StoreKind = Literal["local", "s3", "http"]
+StoreKind = Literal["local", "s3", "http", "azure"]
 AddressingStyle = Literal["auto", "path", "virtual"]
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
@@ -72,6 +73,7 @@ class StoreConfig:
     local: LocalStoreConfig = field(default_factory=LocalStoreConfig)
     s3: S3StoreConfig = field(default_factory=S3StoreConfig)
     http: HttpStoreConfig = field(default_factory=HttpStoreConfig)
+    azure: AzureStoreConfig = field(default_factory=AzureStoreConfig)
 
 
 def read_store(table: Table) -> StoreConfig:
@@ -80,7 +82,8 @@ def read_store(table: Table) -> StoreConfig:
     local = _local(table.table("local"))
     s3 = _s3(table.table("s3"), kind)
     http = _http(table.table("http"), kind)
-    return StoreConfig(kind=kind, local=local, s3=s3, http=http)
+    azure = read_azure(table.table("azure"), kind)
+    return StoreConfig(kind=kind, local=local, s3=s3, http=http, azure=azure)
 
 
 def _local(table: Table) -> LocalStoreConfig:

@@ -18,6 +18,10 @@ def open_store(config: StoreConfig, concurrency: int, path: str = "<config>") ->
         from uploader.stores.http import HttpStore
 
         return HttpStore(config.http, concurrency)
+    if config.kind == "azure":
+        from uploader.stores.azure import AzureStore
+
+        return AzureStore(config.azure, concurrency, path)
     from uploader.stores.local import LocalStore
 
     return LocalStore(config.local, f"{path}: [store.local].root")
