@@ -9,7 +9,9 @@ as one in the test's loop. Every request is read whole, then matched against the
 - ``blackhole``: read the request and never answer, until the client gives up;
 - ``delay``: forward, then hold the answer for ``delay`` seconds (a slow S3);
 - ``hold``: forward only once the test releases the key (`release`), so a test can act while
-  an upload is provably in flight.
+  an upload is provably in flight;
+- ``corrupt``: forward the request with one byte in the middle of its body flipped (a body
+  damaged on the way), its headers unchanged.
 
 Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
 is relayed back with ``Connection: close``: no response parsing, and a fault can never leave
@@ -31,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold"
+Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold" | "corrupt"
 
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -254,6 +256,9 @@ class FaultProxy:
                         if key in self._released:
                             break
                     await asyncio.sleep(HOLD_POLL)
+        if fault == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("connection", "expect")]
         upstream_head = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
         answer = await self._forward(upstream_head + body, record)
