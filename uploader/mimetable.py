@@ -52,7 +52,7 @@ TYPES: dict[str, str] = {
     ".dmg": "application/x-apple-diskimage", ".whl": "application/zip",
     ".parquet": "application/vnd.apache.parquet", ".avro": "application/avro",
     ".sqlite": "application/vnd.sqlite3", ".db": "application/vnd.sqlite3",
-    ".bin": "application/octet-stream", ".exe": "application/vnd.microsoft.portable-executable",
+".exe": "application/vnd.microsoft.portable-executable",
     ".sh": "application/x-sh", ".py": "text/x-python", ".c": "text/x-c", ".h": "text/x-c",
     ".java": "text/x-java-source", ".go": "text/x-go", ".rs": "text/x-rust",
 }
