@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import CREDS, REGION, Daemons, Env, OpenFile
+from tests.rclones3 import RcloneS3, rclone_binary
 from uploader import devredis, devservers
 from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
@@ -78,6 +79,18 @@ def moto_endpoint() -> Iterator[str]:
     server.start()
     _, port = server.get_host_and_port()
     yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
+    """`rclone serve s3`, which verifies signatures and Content-MD5 (moto does neither);
+    skipped where rclone is absent (`tests/rclones3.py`)."""
+    binary = rclone_binary()
+    if binary is None:
+        pytest.skip("rclone not found (RCLONE=path, or run bench/run.sh once to fetch it)")
+    server = RcloneS3(binary, tmp_path_factory.mktemp("rclone-s3"))
+    yield server
     server.stop()
 
 

@@ -4,13 +4,9 @@ and through `rclone serve s3`, which checks every signature (skipped where rclon
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
-import os
-import shutil
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +17,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 from botocore.exceptions import ClientError
 
+from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
 from uploader.config import S3StoreConfig
-from uploader.devservers import free_port, wait_for_port
 from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
 from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult
@@ -207,48 +203,9 @@ def _static(access: str, secret: str) -> Any:
 
 # --- against rclone serve s3, which verifies signatures ----------------------------------------
 
-RCLONE_KEY, RCLONE_SECRET = "leanaccesskey", "leansecretkey"
-
-
-def _rclone() -> str | None:
-    found = os.environ.get("RCLONE") or shutil.which("rclone")
-    if found:
-        return found
-    cache = os.environ.get("UPLOADER_BENCH_CACHE", os.path.expanduser("~/.cache/uploader-bench"))
-    hits = sorted(glob.glob(os.path.join(cache, "rclone", "**", "rclone"), recursive=True))
-    return hits[0] if hits else None
-
-
 @pytest.fixture(scope="module")
-def rclone_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    binary = _rclone()
-    if binary is None:
-        pytest.skip("rclone not found (RCLONE=path, or run bench/run.sh once to fetch it)")
-    root = tmp_path_factory.mktemp("rclone-s3")
-    (root / "lean").mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "serve",
-            "s3",
-            "--auth-key",
-            f"{RCLONE_KEY},{RCLONE_SECRET}",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--config",
-            "/dev/null",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc=proc)
-        yield f"http://127.0.0.1:{port}", "lean"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def rclone_endpoint(rclone_s3: RcloneS3) -> tuple[str, str]:
+    return rclone_s3.endpoint, rclone_s3.bucket("lean")
 
 
 @pytest.fixture
