@@ -124,7 +124,10 @@ async def test_the_stored_type_is_the_entrys_else_the_extensions_else_the_defaul
         json.dumps({"path": str(env.uploads / "d.txt.gz"), "content_type": "text/x-mine"}),
         str(env.uploads / "e.tar.gz"),
         json.dumps({"path": str(env.uploads / "f.css.br"), "cache_control": "max-age=60"}),
+        json.dumps({"path": str(env.uploads / "g"), "content_disposition": "attachment"}),
     ]
+    (env.uploads / "g").mkdir()
+    (env.uploads / "g" / "x.txt").write_bytes(b"in a directory")
     config = env.config("s3", bucket, upload={"default_content_type": "application/x-default"})
     async with env.daemon(config):
         await env.push_job("ct", entries)
@@ -140,6 +143,8 @@ async def test_the_stored_type_is_the_entrys_else_the_extensions_else_the_defaul
         "f.css.br": ("text/css", "br"),
     }
     assert stored["f.css.br"]["CacheControl"] == "max-age=60"
+    in_dir = s3.head_object(Bucket=bucket, Key="ct/g/x.txt")  # a directory's files carry its fields
+    assert (in_dir["ContentType"], in_dir["ContentDisposition"]) == ("text/plain", "attachment")
 
 
 # --- the docs say what the code does ---

@@ -59,7 +59,9 @@ def boto_config(config: S3StoreConfig, concurrency: int) -> BotoConfig:
     return BotoConfig(
         # A socket for every upload slot, and for one big file's extra parts on top.
         max_pool_connections=max(10, concurrency + config.part_concurrency),
-        retries={"max_attempts": 1, "mode": "standard"},
+        # One attempt in all: botocore's `max_attempts` counts retries after the first (1 was
+        # one hidden retry of every request); `total_max_attempts` counts the first too.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=config.timeout,
         read_timeout=config.timeout,
         s3={"addressing_style": config.addressing_style},
