@@ -53,7 +53,9 @@ def _read_back(s3: Any, bucket: str, key: str) -> dict[str, Any]:
         "storage_class": head.get("StorageClass"),
         "server_side_encryption": head.get("ServerSideEncryption"),
         "sse_kms_key_id": head.get("SSEKMSKeyId"),
-        "public_read": any(g["Grantee"].get("URI") == ALL_USERS and g["Permission"] == "READ" for g in grants),
+        "public_read": any(
+            g["Grantee"].get("URI") == ALL_USERS and g["Permission"] == "READ" for g in grants
+        ),
         "cache_control": head.get("CacheControl"),
         "content_disposition": head.get("ContentDisposition"),
         "content_encoding": head.get("ContentEncoding"),
@@ -161,7 +163,7 @@ def test_the_options_load_from_store_s3(tmp_path: Path) -> None:
         ('content_disposition = "attachment; filename=\\"é\\""', "[store.s3].content_disposition must be"),
         ("tagging = { a = 1 }", "[store.s3].tagging tag value for 'a' must be"),
         ('tagging = { "a#b" = "x" }', "[store.s3].tagging tag key 'a#b' must be"),
-        ("tagging = " + "{ " + ", ".join(f"t{i} = 'v'" for i in range(11)) + " }", "has 11 tags, S3 allows 10"),
+        ("tagging = {" + ", ".join(f"t{i} = 'v'" for i in range(11)) + "}", "has 11 tags, S3 allows 10"),
         ('tagging = "a=b"', "[store.s3].tagging must be a table of strings"),
         ("part_concurrency = 0", "[store.s3].part_concurrency must be >= 1"),
     ],
