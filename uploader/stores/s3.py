@@ -34,7 +34,7 @@ from uploader.stores.s3errors import (
     client_error_parts,
 )
 from uploader.stores.s3lean import Credentials, CredentialSource, LeanPut, UseBotocore
-from uploader.stores.s3objects import ObjectOptions, content_md5
+from uploader.stores.s3objects import INLINE_HASH_LIMIT, ObjectOptions, content_md5, md5_of
 from uploader.stores.s3parts import Multipart, abort, parts_in_flight
 
 __all__ = ["S3Store", "classify_s3_error", "object_name"]
@@ -260,7 +260,7 @@ class S3Store:
         metadata = dict(request.metadata)
         if request.checksum:
             metadata[SHA256_META] = hashlib.sha256(body).hexdigest()
-        md5 = await content_md5(body)
+        md5 = md5_of(body) if len(body) <= INLINE_HASH_LIMIT else await content_md5(body)
         if_absent = request.if_absent and self.config.conditional_put
         try:
             if self._lean is not None and await self._put_lean(name, body, md5, metadata, request, if_absent):
