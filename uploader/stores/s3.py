@@ -4,7 +4,9 @@ Small files go up in one PutObject; files from `multipart_threshold` up go part 
 `part_concurrency` parts in flight (`s3parts.py`), and an unfinished multipart upload is always
 aborted. Every body carries its Content-MD5: S3 stores nothing it did not receive intact.
 botocore's own retries are off: `retry.py` decides what is retried, from the errors that
-`classify_s3_error` translates here, at the boundary (`base.translated`).
+`classify_s3_error` (`s3errors.py`) translates at the boundary (`base.translated`). The
+store's and the entry's object options (`s3objects.py`) go with every PutObject and
+CreateMultipartUpload, on the lean path as signed headers.
 """
 
 from __future__ import annotations
