@@ -41,6 +41,18 @@ REGION = "us-east-1"
             "session/token+x==",
         ),
         ("http://localhost:4566/b/k", {"Content-Type": "application/octet-stream"}, None),
+        (
+            "http://127.0.0.1:9000/bucket/a.css.gz",
+            {
+                "Content-Type": "text/css", "Content-MD5": "XUFAKrxLKna5cZ2REBfFkg==",
+                "Content-Encoding": "gzip", "Cache-Control": "public,  max-age=60",
+                "Content-Disposition": 'attachment; filename="a.css"', "x-amz-acl": "public-read",
+                "x-amz-storage-class": "STANDARD_IA", "x-amz-tagging": "team=a%20b&tier=hot",
+                "x-amz-server-side-encryption": "aws:kms",
+                "x-amz-server-side-encryption-aws-kms-key-id": "alias/k",
+            },
+            None,
+        ),
     ],
 )
 def test_signature_matches_botocores(url: str, headers: dict[str, str], token: str | None) -> None:
@@ -242,6 +254,31 @@ async def test_rclone_accepts_the_lean_signature_with_credentials_from_the_envir
     assert rclone_store._lean is not None
     got = await _put_and_read(rclone_store, tmp_path, _boto(endpoint), bucket, "dir one/é+x.png")
     assert got["ContentType"] == "image/png"
+
+
+async def test_rclone_accepts_the_lean_signature_over_every_object_option(
+    rclone_endpoint: tuple[str, str], tmp_path: Path
+) -> None:
+    """The options are signed headers: a server that checks signatures takes them all."""
+    endpoint, bucket = rclone_endpoint
+    config = S3StoreConfig(
+        bucket=bucket, region=REGION, endpoint_url=endpoint, access_key_id=RCLONE_KEY,
+        secret_access_key=RCLONE_SECRET, addressing_style="path", storage_class="STANDARD",
+        cache_control="public, max-age=60", content_disposition="attachment",
+        tagging=(("team", "a b"), ("path", "x/y@z")),
+    )
+    store = S3Store(config, concurrency=2)
+    await store.start()
+    try:
+        assert store._lean is not None
+        (tmp_path / "a.css.gz").write_bytes(b"body")
+        with open_source(str(tmp_path / "a.css.gz"), Root.of(str(tmp_path))) as source:
+            await store.put(source, PutRequest("opts/a.css.gz", "text/css", content_encoding="gzip"))
+        assert store._lean is not None
+    finally:
+        await store.close()
+    got = _boto(endpoint).head_object(Bucket=bucket, Key="opts/a.css.gz")
+    assert (got["ContentType"], got["ContentLength"]) == ("text/css", 4)
 
 
 async def test_rclone_refuses_a_wrong_secret_and_that_is_an_outage(rclone_endpoint: tuple[str, str]) -> None:
