@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -49,14 +50,20 @@ class Multipart:
     async def _send(self, number: int, offset: int) -> None:
         length = min(self.part_size, self.source.size - offset)
         body = await self.source.read(offset, length)
+        md5 = await content_md5(body)
+        # The part goes as a BytesIO that holds the only reference to its bytes: botocore would
+        # wrap bytes in one anyway, and aiohttp's getbuffer() on it copies a buffer that is
+        # shared (one more part_size per part in flight), not one the BytesIO owns alone.
+        stream = io.BytesIO(body)
+        del body
         response = await self.client.upload_part(
             Bucket=self.bucket,
             Key=self.name,
             UploadId=self.upload_id,
             PartNumber=number,
-            Body=body,
+            Body=stream,
             ContentLength=length,
-            ContentMD5=await content_md5(body),
+            ContentMD5=md5,
         )
         self._etags[number] = response["ETag"]
 
