@@ -21,6 +21,7 @@ import hmac
 import os
 import re
 import ssl
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from botocore.exceptions import ClientError
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 USER_AGENT = "uploader (lean s3 put)"
+LARGE_BODY = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # S3 error replies are small XML documents; the first Code and Message are all we need.
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
@@ -233,10 +235,22 @@ class LeanPut:
             now or datetime.datetime.now(datetime.UTC),
         )
         async with session.put(
-            url, data=body, headers=signed, allow_redirects=False, proxy=self._proxy
+            url, data=as_payload(body), headers=signed, allow_redirects=False, proxy=self._proxy
         ) as response:
             reply = await response.read()
             check_reply(response.status, reply)
+
+
+def as_payload(body: bytes) -> bytes | aiohttp.BytesPayload:
+    """`body` for aiohttp. Over 1 MiB aiohttp warns (ResourceWarning) that a bytes body "might
+    lock the event loop"; it does not here (the loop's transport takes it in one call, no copy),
+    and a BytesIO instead would be copied whole, so the payload is made with that one warning
+    silenced (synchronously: no other task runs inside the block)."""
+    if len(body) <= LARGE_BODY:
+        return body
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(body)
 
 
 def check_reply(status: int, reply: bytes) -> None:
