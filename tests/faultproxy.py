@@ -10,8 +10,8 @@ as one in the test's loop. Every request is read whole, then matched against the
 - ``delay``: forward, then hold the answer for ``delay`` seconds (a slow S3);
 - ``hold``: forward only once the test releases the key (`release`), so a test can act while
   an upload is provably in flight;
-- ``corrupt``: flip one byte in the middle of the request body, then forward it (a body
-  damaged on the way, which the store must refuse by its checksum).
+- ``corrupt``: forward the request with one byte in the middle of its body flipped (a body
+  damaged on the way, which the store must refuse by its checksum), its headers unchanged.
 
 Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
 is relayed back with ``Connection: close``: no response parsing, and a fault can never leave

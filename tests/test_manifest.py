@@ -23,6 +23,7 @@ from uploader.manifest import (
     parse_body,
     parse_entry,
 )
+from uploader.objectfields import ObjectFields
 from uploader.redisio import Keys
 
 # --- parse_body ---
@@ -115,6 +116,29 @@ def test_a_json_entry_with_every_field() -> None:
     raw = json.dumps(obj).encode()
 
     assert parse_entry(7, raw) == Entry(7, "/srv/a.jpg", "av/a.jpg", "image/jpeg", {"o": "42"})
+
+
+def test_a_json_entry_with_object_fields_carries_them() -> None:
+    obj = {
+        "path": "/srv/a.css.gz", "cache_control": "max-age=60", "content_disposition": "inline",
+        "content_encoding": "gzip", "tagging": {"owner": "42"},
+    }
+    fields = ObjectFields("max-age=60", "inline", "gzip", (("owner", "42"),))
+    assert parse_entry(3, json.dumps(obj).encode()) == Entry(3, "/srv/a.css.gz", fields=fields)
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        ({"cache_control": 5}, "cache_control must be a string"),
+        ({"tagging": {"a": "b", "c": ["d"]}}, "tag value for 'c'"),
+        ({"content_encoding": ""}, "content_encoding must be a content-coding"),
+        ({"expires": "never"}, "unknown field 'expires'"),
+    ],
+)
+def test_a_bad_object_field_fails_the_entry_alone(obj: dict[str, object], reason: str) -> None:
+    bad = parse_entry(4, json.dumps({"path": "/srv/a"} | obj).encode())
+    assert isinstance(bad, BadEntry) and reason in bad.reason and bad.label == "/srv/a"
 
 
 def test_a_json_entry_needs_only_a_path() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections import Counter
@@ -134,6 +135,17 @@ async def test_small_file_arrives_intact_with_headers_and_metadata(
     assert headers["Content-Length"] == "1000"
     assert headers["x-meta-owner"] == "42"
     assert headers["X-Api-Key"] == SECRET
+
+
+async def test_a_content_encoding_is_sent_and_none_when_unset(
+    store: HttpStore, blobs: Blobs, open_file: Callable[[str, bytes], SourceFile]
+) -> None:
+    with open_file("a.css.gz", gzip.compress(b"a{}")) as src:
+        await store.put(src, PutRequest("a.css.gz", "text/css", content_encoding="gzip"))
+    with open_file("b.css", b"b{}") as src:
+        await store.put(src, PutRequest("b.css", "text/css"))
+    assert blobs.headers["a.css.gz"]["Content-Encoding"] == "gzip"
+    assert "Content-Encoding" not in blobs.headers["b.css"]
 
 
 async def test_large_file_is_streamed_in_chunks_with_a_content_length(

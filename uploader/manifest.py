@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from uploader.errors import BadJobError
+from uploader.objectfields import ObjectFields, entry_fields
 from uploader.redisio import Keys, until_done
 
 JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}\Z")  # \Z, not $: "$" also matches before a final "\n"
@@ -21,6 +22,10 @@ MAX_KEY_BYTES = 1024
 META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_METADATA_BYTES = 2048
 MAX_URL_BYTES = 8192
+ENTRY_FIELDS = frozenset(
+    {"path", "key", "content_type", "metadata", "url"}
+    | {"cache_control", "content_disposition", "content_encoding", "tagging"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,8 @@ class Entry:
     metadata: Mapping[str, str] = field(default_factory=dict)
     # A presigned http(s) URL to PUT this file to (the http store only); None: built from the key.
     url: str | None = None
+    # cache_control, content_disposition, content_encoding, tagging; None: none given.
+    fields: ObjectFields | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +135,7 @@ def _object_entry(index: int, obj: dict[str, object]) -> Entry | BadEntry:
     if not isinstance(path, str):
         return BadEntry(index, f"#{index}", 'JSON entry needs "path", a string')
     label = _clip(path, 200) or f"#{index}"
-    unknown = sorted(set(obj) - {"path", "key", "content_type", "metadata", "url"})
+    unknown = sorted(set(obj) - ENTRY_FIELDS)
     if unknown:
         return BadEntry(index, label, f"JSON entry has unknown field {unknown[0]!r}")
     base = _path_entry(index, path)
@@ -151,11 +158,14 @@ def _object_entry(index: int, obj: dict[str, object]) -> Entry | BadEntry:
     url = obj.get("url")
     if url is not None and (reason := _url_problem(url)) is not None:
         return BadEntry(index, label, reason)
+    fields = entry_fields(obj)
+    if isinstance(fields, str):
+        return BadEntry(index, label, fields)
     assert isinstance(metadata, dict)
     assert key is None or isinstance(key, str)
     assert content_type is None or isinstance(content_type, str)
     assert url is None or isinstance(url, str)
-    return Entry(index, path, key, content_type, metadata, url)
+    return Entry(index, path, key, content_type, metadata, url, fields)
 
 
 def _url_problem(url: object) -> str | None:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from uploader.azureconfig import AzureStoreConfig, read_azure
 from uploader.configtable import MiB, Table, mask_url, show
+from uploader.objectfields import read_s3_options
 
 StoreKind = Literal["local", "s3", "http", "azure"]
 AddressingStyle = Literal["auto", "path", "virtual"]
@@ -46,6 +47,17 @@ class S3StoreConfig:
     timeout: float = 60.0
     # PutObject with If-None-Match: * when skipping existing objects (412: already there).
     conditional_put: bool = False
+    # Parts of one file in flight at once; the file holds part_size * this of the byte budget.
+    part_concurrency: int = 4
+    # Object options (uploader/objectfields.py), "" / () for S3's default; an entry's own
+    # cache_control, content_disposition and tagging replace the store's.
+    storage_class: str = ""
+    server_side_encryption: str = ""
+    sse_kms_key_id: str = ""
+    acl: str = ""
+    cache_control: str = ""
+    content_disposition: str = ""
+    tagging: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +124,8 @@ def _s3(table: Table, kind: StoreKind) -> S3StoreConfig:
         part_size=table.number("part_size", int, d.part_size, 5 * MiB, 5 << 30),
         timeout=table.number("timeout", float, d.timeout, 0.1, 3600),
         conditional_put=table.get("conditional_put", bool, d.conditional_put),
+        part_concurrency=table.number("part_concurrency", int, d.part_concurrency, 1, 64),
+        **read_s3_options(table),
     )
     _check_s3(table, config, kind)
     table.close()

@@ -88,11 +88,23 @@ class Transfer:
 
     def _request(self, entry: Entry, key: str) -> PutRequest:
         skip = self.upload.skip_existing
-        content_type = (
-            entry.content_type or self._content_types.for_path(entry.path) or self.upload.default_content_type
-        )
+        fields = entry.fields
+        if entry.content_type:  # the entry's type stands as given, with its own encoding only
+            content_type, encoding = entry.content_type, None
+        else:
+            guessed, encoding = self._content_types.for_path(entry.path)
+            content_type = guessed or self.upload.default_content_type
+        if fields is None:
+            return PutRequest(
+                key, content_type, entry.metadata, entry.url, skip != "never", skip == "same-checksum",
+                content_encoding=encoding,
+            )
         return PutRequest(
-            key, content_type, entry.metadata, entry.url, skip != "never", skip == "same-checksum"
+            key, content_type, entry.metadata, entry.url, skip != "never", skip == "same-checksum",
+            content_encoding=fields.content_encoding or encoding,
+            cache_control=fields.cache_control,
+            content_disposition=fields.content_disposition,
+            tagging=fields.tagging,
         )
 
     def _key_for(self, job_id: str, relpath: str, index: int) -> str:

@@ -265,7 +265,9 @@ class DirectoryExpander:
                 if reason:
                     chunk.failures.append((index, item.path, reason))
                 elif not _marked(marks, first, index):
-                    chunk.entries.append(Entry(index, item.path, key, entry.content_type, entry.metadata))
+                    chunk.entries.append(
+                        Entry(index, item.path, key, entry.content_type, entry.metadata, fields=entry.fields)
+                    )
             yield chunk
         log.info(
             "directory_walked",

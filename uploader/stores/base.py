@@ -40,6 +40,13 @@ class PutRequest:
     if_absent: bool = False
     # Record the content's SHA-256 with the object (SHA256_META), for skip_existing checks.
     checksum: bool = False
+    # Content-Encoding (`gzip` for `a.css.gz`, uploader/contenttype.py); stores that speak
+    # HTTP send it, None: none sent.
+    content_encoding: str | None = None
+    # The entry's own object fields (uploader/objectfields.py); None: the store's setting.
+    cache_control: str | None = None
+    content_disposition: str | None = None
+    tagging: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,6 +160,8 @@ class HttpStore:
         headers = self._static(url)
         headers["Content-Type"] = request.content_type
         headers["Content-Length"] = str(size)
+        if request.content_encoding:
+            headers["Content-Encoding"] = request.content_encoding
         for name, value in request.metadata.items():
             headers[self.config.meta_prefix + name] = value
         return headers

@@ -1,9 +1,12 @@
 """S3 (and S3-compatible) store over one aioboto3 client with a pool sized to concurrency.
 
 Small files go up in one PutObject; files from `multipart_threshold` up go part by part,
-one part in memory at a time, and an unfinished multipart upload is always aborted.
+`part_concurrency` parts in flight (`s3parts.py`), and an unfinished multipart upload is always
+aborted. Every body carries its Content-MD5: S3 stores nothing it did not receive intact.
 botocore's own retries are off: `retry.py` decides what is retried, from the errors that
-`classify_s3_error` translates here, at the boundary (`base.translated`).
+`classify_s3_error` (`s3errors.py`) translates at the boundary (`base.translated`). The
+store's and the entry's object options (`s3objects.py`) go with every PutObject and
+CreateMultipartUpload, on the lean path as signed headers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import math
 import re
 from typing import Any
 
@@ -19,131 +21,31 @@ import aioboto3
 import structlog
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    HTTPClientError,
-    NoCredentialsError,
-    ParamValidationError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
 from uploader.config import S3StoreConfig
-from uploader.errors import (
-    ConfigError,
-    FileError,
-    PermanentFileError,
-    StoreUnavailableError,
-    ThrottledError,
-    TransientFileError,
-)
+from uploader.errors import ConfigError
 from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
+from uploader.stores.s3errors import (
+    NOT_FOUND_CODES,
+    OUTAGE_CODES,
+    PRECONDITION_CODES,
+    classify_s3_error,
+    client_error_parts,
+)
 from uploader.stores.s3lean import Credentials, CredentialSource, LeanPut, UseBotocore
+from uploader.stores.s3objects import INLINE_HASH_LIMIT, ObjectOptions, content_md5, md5_of
+from uploader.stores.s3parts import Multipart, abort, parts_in_flight
+
+__all__ = ["S3Store", "classify_s3_error", "object_name"]
 
 log = structlog.get_logger("uploader.s3")
 
-MAX_PARTS = 10_000
-
-THROTTLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
-)
-TRANSIENT_CODES = frozenset(
-    {
-        "RequestTimeout",
-        "InternalError",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "RequestExpired",
-        # Two conditional writes of one key at once: S3 asks to retry the loser.
-        "ConditionalRequestConflict",
-    }
-)
-# The bucket refuses every write, whichever the file: a missing bucket, refused or expired
-# credentials, a disabled account. An outage: the daemon waits for it, no file fails.
-OUTAGE_CODES = frozenset(
-    {
-        "NoSuchBucket",
-        "AccessDenied",
-        "AllAccessDisabled",
-        "AccountProblem",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "RequestTimeTooSkewed",
-    }
-)
-PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 # A single-part object's ETag is the MD5 of its content (not under SSE-KMS or SSE-C: then it
 # just never matches and the file is uploaded again); a multipart one's ends in "-<parts>".
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
-NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-_MESSAGE_LIMIT = 200
-
-
-def _client_error_parts(exc: ClientError) -> tuple[str, int, str]:
-    response: dict[str, Any] = getattr(exc, "response", None) or {}
-    error = response.get("Error") or {}
-    meta = response.get("ResponseMetadata") or {}
-    status = meta.get("HTTPStatusCode") or 0
-    code = str(error.get("Code") or status or "Unknown")
-    message = " ".join(str(error.get("Message") or "").split())
-    if len(message) > _MESSAGE_LIMIT:
-        message = message[: _MESSAGE_LIMIT - 3] + "..."
-    try:
-        status = int(status)
-    except (TypeError, ValueError):
-        status = 0
-    return code, status, message
-
-
-def classify_s3_error(exc: BaseException) -> FileError | None:
-    """Translate an error raised by botocore/aiohttp into our hierarchy, or None if unknown.
-
-    Messages carry the S3 error code, status and message, never the request's credentials.
-    """
-    if isinstance(exc, FileError):
-        return exc
-    if isinstance(exc, asyncio.CancelledError):
-        return None
-    if isinstance(exc, ClientError):
-        return _reply_error(exc)
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return StoreUnavailableError("s3: no usable credentials found")
-    if isinstance(exc, ParamValidationError):
-        return PermanentFileError(f"s3: invalid request: {_one_line(exc)}")
-    if isinstance(exc, BotoConnectionError | HTTPClientError):
-        # EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError.
-        return TransientFileError(f"s3: connection error: {_one_line(exc)}")
-    if isinstance(exc, BotoCoreError):
-        # Incomplete reads, response streaming errors and the like: the request may succeed.
-        return TransientFileError(f"s3: {type(exc).__name__}: {_one_line(exc)}")
-    # The lean path's aiohttp errors, and timeouts and resets from under either path.
-    return base.transport_error(exc, "s3")
-
-
-def _reply_error(exc: ClientError) -> FileError:
-    """An S3 error reply judged by its code and status: slow down, outage, retry, or fail."""
-    code, status, message = _client_error_parts(exc)
-    head = f"s3: {code} ({status})" if status else f"s3: {code}"
-    if code in THROTTLE_CODES or status in (429, 503):
-        return ThrottledError(head)
-    if code in OUTAGE_CODES or status in (401, 403):
-        # A bucket policy may deny one prefix: AccessDenied alone is asked of the probe.
-        per_key = code not in OUTAGE_CODES or code == "AccessDenied"
-        return StoreUnavailableError(f"{head}: {message}" if message else head, per_key)
-    if code in TRANSIENT_CODES or status >= 500 or status == 0:
-        return TransientFileError(f"{head}: {message}" if message else head)
-    return PermanentFileError(f"{head}: {message}" if message else head)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
 def object_name(prefix: str, key: str) -> str:
@@ -157,8 +59,11 @@ def object_name(prefix: str, key: str) -> str:
 def boto_config(config: S3StoreConfig, concurrency: int) -> BotoConfig:
     """botocore with its own retries off (`retry.py` decides) and a pool for every upload slot."""
     return BotoConfig(
-        max_pool_connections=max(10, concurrency),
-        retries={"max_attempts": 1, "mode": "standard"},
+        # A socket for every upload slot, and for one big file's extra parts on top.
+        max_pool_connections=max(10, concurrency + config.part_concurrency),
+        # One attempt in all: botocore's `max_attempts` counts retries after the first (1 was
+        # one hidden retry of every request); `total_max_attempts` counts the first too.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=config.timeout,
         read_timeout=config.timeout,
         s3={"addressing_style": config.addressing_style},
@@ -216,6 +121,7 @@ class S3Store:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._aborts: set[asyncio.Task[None]] = set()
+        self._options = ObjectOptions(config)
         # Single-part PUTs without botocore's per-request machinery; None: all go through aioboto3.
         self._lean: LeanPut | None = None
 
@@ -244,7 +150,7 @@ class S3Store:
         try:
             await self._client.head_bucket(Bucket=bucket)
         except ClientError as exc:
-            code, status, _ = _client_error_parts(exc)
+            code, status, _ = client_error_parts(exc)
             if status in (403, 404) or code in OUTAGE_CODES:
                 # Missing or refused now, perhaps not in a minute (a bucket being created, a
                 # policy being fixed): an outage that readiness reports, not a fatal error.
@@ -309,10 +215,12 @@ class S3Store:
     # -- objects -----------------------------------------------------------------------------
 
     def memory_needed(self, size: int) -> int:
-        """One part at a time from the multipart threshold up, else the whole body."""
-        if size < self.config.multipart_threshold:
+        """The whole body below the multipart threshold; from it up, a part for each part in
+        flight (part_size * part_concurrency, fewer for a file of fewer parts)."""
+        c = self.config
+        if size < c.multipart_threshold:
             return size
-        return self.config.part_size
+        return c.part_size * parts_in_flight(size, c.part_size, c.part_concurrency)
 
     def conditional(self, size: int) -> bool:
         return self.config.conditional_put and size < self.config.multipart_threshold
@@ -325,7 +233,7 @@ class S3Store:
             try:
                 response = await client.head_object(Bucket=self.config.bucket, Key=name)
             except ClientError as exc:
-                code, status, _ = _client_error_parts(exc)
+                code, status, _ = client_error_parts(exc)
                 if status == 404 or code in NOT_FOUND_CODES:
                     return None
                 raise
@@ -354,39 +262,52 @@ class S3Store:
         metadata = dict(request.metadata)
         if request.checksum:
             metadata[SHA256_META] = hashlib.sha256(body).hexdigest()
-        put_args = {
-            "Bucket": self.config.bucket,
-            "Key": name,
-            "Body": body,
-            "ContentType": request.content_type,
-            "Metadata": metadata,
-            "ContentLength": len(body),
-        }
+        md5 = md5_of(body) if len(body) <= INLINE_HASH_LIMIT else await content_md5(body)
         if_absent = request.if_absent and self.config.conditional_put
         try:
-            if self._lean is not None:
-                try:
-                    await self._lean.put(name, body, request.content_type, metadata, if_absent=if_absent)
-                    return PutResult(bytes_sent=len(body))
-                except UseBotocore as exc:
-                    # A region redirect and the like: botocore follows those; it serves from now on.
-                    log.warning("s3_lean_path_off", reason=str(exc))
-                    lean, self._lean = self._lean, None
-                    await lean.close()
-            await client.put_object(**put_args, **({"IfNoneMatch": "*"} if if_absent else {}))
+            if self._lean is not None and await self._put_lean(name, body, md5, metadata, request, if_absent):
+                return PutResult(bytes_sent=len(body))
+            await client.put_object(
+                Bucket=self.config.bucket,
+                Key=name,
+                Body=body,
+                ContentType=request.content_type,
+                Metadata=metadata,
+                ContentLength=len(body),
+                ContentMD5=md5,
+                **self._options.params(request),
+                **({"IfNoneMatch": "*"} if if_absent else {}),
+            )
         except ClientError as exc:
-            code, status, _ = _client_error_parts(exc)
+            code, status, _ = client_error_parts(exc)
             if if_absent and (status == 412 or code in PRECONDITION_CODES):
                 return PutResult(0, already_present=True)
             raise
         return PutResult(bytes_sent=len(body))
 
+    async def _put_lean(
+        self, name: str, body: bytes, md5: str, metadata: dict[str, str], request: PutRequest, if_absent: bool
+    ) -> bool:
+        """The lean PUT; False once it hands over to botocore (a region redirect and the like:
+        botocore follows those, and serves every PUT from then on)."""
+        assert self._lean is not None
+        headers = self._options.headers(request)
+        try:
+            await self._lean.put(
+                name, body, request.content_type, metadata, if_absent=if_absent, md5=md5, headers=headers
+            )
+            return True
+        except UseBotocore as exc:
+            log.warning("s3_lean_path_off", reason=str(exc))
+            lean, self._lean = self._lean, None
+            if lean is not None:
+                await lean.close()
+            return False
+
     async def _put_multipart(
         self, client: Any, name: str, source: SourceFile, request: PutRequest
     ) -> PutResult:
         bucket = self.config.bucket
-        size = source.size
-        part_size = max(self.config.part_size, math.ceil(size / MAX_PARTS))
         metadata = dict(request.metadata)
         if request.checksum:
             # Metadata goes with the create, before any part: one extra read of the file.
@@ -396,42 +317,14 @@ class S3Store:
             Key=name,
             ContentType=request.content_type,
             Metadata=metadata,
+            **self._options.params(request),
         )
-        upload_id: str = created["UploadId"]
+        upload = Multipart(client, bucket, name, created["UploadId"], source, self.config.part_size)
         try:
-            parts: list[dict[str, Any]] = []
-            for number, offset in enumerate(range(0, size, part_size), start=1):
-                length = min(part_size, size - offset)
-                body = await source.read(offset, length)
-                response = await client.upload_part(
-                    Bucket=bucket,
-                    Key=name,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                    ContentLength=length,
-                )
-                del body
-                parts.append({"ETag": response["ETag"], "PartNumber": number})
+            await upload.send_all(self.config.part_concurrency)
             source.check_unchanged()
-            await client.complete_multipart_upload(
-                Bucket=bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
+            await upload.complete()
         except BaseException:
-            await self._abort(client, name, upload_id)
+            await abort(client, bucket, name, upload.upload_id, self._aborts)
             raise
-        return PutResult(bytes_sent=size)
-
-    async def _abort(self, client: Any, name: str, upload_id: str) -> None:
-        """Abort an unfinished upload; shielded from cancellation, its failure never raised."""
-
-        async def abort() -> None:
-            with contextlib.suppress(Exception):
-                await client.abort_multipart_upload(Bucket=self.config.bucket, Key=name, UploadId=upload_id)
-
-        task = asyncio.ensure_future(abort())
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
-        # A second cancellation ends this wait (and wins over the original error, as it
-        # must); the abort goes on and close() awaits it.
-        await asyncio.shield(task)
+        return PutResult(bytes_sent=source.size)

@@ -14,12 +14,14 @@ tests/test_store_s3lean.py.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import hmac
 import os
 import re
 import ssl
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from botocore.exceptions import ClientError
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 USER_AGENT = "uploader (lean s3 put)"
+LARGE_BODY = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # S3 error replies are small XML documents; the first Code and Message are all we need.
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
@@ -53,6 +56,10 @@ CredentialSource = Callable[[], Awaitable[Credentials | None]]
 
 class UseBotocore(Exception):
     """The lean path cannot serve this request (a redirect, a region mismatch): use aioboto3."""
+
+
+def md5_base64(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
 def canonical_header_value(value: str) -> str:
@@ -197,10 +204,14 @@ class LeanPut:
         metadata: Mapping[str, str],
         now: datetime.datetime | None = None,
         if_absent: bool = False,
+        md5: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Store `body` under `name` (only if no object is there, with `if_absent`); raise
-        ClientError for an S3 error reply (412 when one was there), UseBotocore for one only
-        botocore handles, aiohttp errors for the connection's."""
+        """Store `body` under `name` (only if no object is there, with `if_absent`), with its
+        Content-MD5 (`md5`, base64, computed here when not given) and the extra `headers`;
+        raise ClientError for an S3 error reply (412 when one was there, BadDigest when the
+        body arrived changed), UseBotocore for one only botocore handles, aiohttp errors for
+        the connection's."""
         session = self._session
         if session is None:
             raise RuntimeError("LeanPut used before start() or after close()")
@@ -208,24 +219,38 @@ class LeanPut:
         if credentials is None:
             raise UseBotocore("no credentials")
         url = object_url(self.base_url, name)
-        headers = {"Content-Type": content_type}
+        wanted = {"Content-Type": content_type, "Content-MD5": md5 or md5_base64(body)}
+        if headers:
+            wanted.update(headers)
         if if_absent:
-            headers["If-None-Match"] = "*"
+            wanted["If-None-Match"] = "*"
         for key, value in metadata.items():
-            headers[f"x-amz-meta-{key}"] = value
-        headers = self.signer.sign(
+            wanted[f"x-amz-meta-{key}"] = value
+        signed = self.signer.sign(
             "PUT",
             url,
-            headers,
+            wanted,
             hashlib.sha256(body).hexdigest(),
             credentials,
             now or datetime.datetime.now(datetime.UTC),
         )
         async with session.put(
-            url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy
+            url, data=as_payload(body), headers=signed, allow_redirects=False, proxy=self._proxy
         ) as response:
             reply = await response.read()
             check_reply(response.status, reply)
+
+
+def as_payload(body: bytes) -> bytes | aiohttp.BytesPayload:
+    """`body` for aiohttp. Over 1 MiB aiohttp warns (ResourceWarning) that a bytes body "might
+    lock the event loop"; it does not here (the loop's transport takes it in one call, no copy),
+    and a BytesIO instead would be copied whole, so the payload is made with that one warning
+    silenced (synchronously: no other task runs inside the block)."""
+    if len(body) <= LARGE_BODY:
+        return body
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(body)
 
 
 def check_reply(status: int, reply: bytes) -> None:

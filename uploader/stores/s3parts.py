@@ -1,0 +1,113 @@
+"""A big file to S3 in parts, `part_concurrency` of them in flight at once.
+
+The file holds one upload slot; its parts share the byte budget that `memory_needed` charged
+(part_size for each part in flight), so no other accounting is needed: a part is read only
+when a worker is free to send it, and dropped once S3 has it. Every part carries its
+Content-MD5, so S3 verifies each one; an upload that does not complete is always aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from uploader.files import SourceFile
+from uploader.stores.s3objects import content_md5
+
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, part_size: int) -> int:
+    """`part_size`, or bigger when the file would otherwise need more than S3's 10,000 parts."""
+    return max(part_size, math.ceil(size / MAX_PARTS))
+
+
+def parts_in_flight(size: int, part_size: int, concurrency: int) -> int:
+    return max(1, min(concurrency, math.ceil(size / part_size_for(size, part_size))))
+
+
+class Multipart:
+    """One multipart upload already created (`upload_id`): its parts, then complete or abort."""
+
+    def __init__(
+        self, client: Any, bucket: str, name: str, upload_id: str, source: SourceFile, part_size: int
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.name = name
+        self.upload_id = upload_id
+        self.source = source
+        self.part_size = part_size_for(source.size, part_size)
+        self._etags: dict[int, str] = {}
+
+    def _numbered(self) -> Iterator[tuple[int, int]]:
+        return enumerate(range(0, self.source.size, self.part_size), start=1)
+
+    async def _send(self, number: int, offset: int) -> None:
+        length = min(self.part_size, self.source.size - offset)
+        body = await self.source.read(offset, length)
+        md5 = await content_md5(body)
+        # The part goes as a BytesIO that holds the only reference to its bytes: botocore would
+        # wrap bytes in one anyway, and aiohttp's getbuffer() on it copies a buffer that is
+        # shared (one more part_size per part in flight), not one the BytesIO owns alone.
+        stream = io.BytesIO(body)
+        del body
+        response = await self.client.upload_part(
+            Bucket=self.bucket,
+            Key=self.name,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=stream,
+            ContentLength=length,
+            ContentMD5=md5,
+        )
+        self._etags[number] = response["ETag"]
+
+    async def _worker(self, parts: Iterator[tuple[int, int]]) -> None:
+        # One shared iterator: each worker takes the next part when it is free (no await
+        # between taking and starting, so no part is taken twice or skipped).
+        for number, offset in parts:
+            await self._send(number, offset)
+
+    async def send_all(self, concurrency: int) -> None:
+        """Every part, `concurrency` at a time; the first failure stops the others and is raised
+        as itself (not in an ExceptionGroup), so the store's translation sees it."""
+        parts = self._numbered()
+        workers = parts_in_flight(self.source.size, self.part_size, concurrency)
+        if workers == 1:
+            await self._worker(parts)
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(self._worker(parts))
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+
+    async def complete(self) -> None:
+        parts = [{"ETag": self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
+        await self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.name, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+        )
+
+
+async def abort(
+    client: Any, bucket: str, name: str, upload_id: str, pending: set[asyncio.Task[None]]
+) -> None:
+    """Abort an unfinished upload; shielded from cancellation, its failure never raised. The
+    task stays in `pending` until it ends, for the store's close() to wait on."""
+
+    async def run() -> None:
+        with contextlib.suppress(Exception):
+            await client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id)
+
+    task = asyncio.ensure_future(run())
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+    # A second cancellation ends this wait (and wins over the original error, as it
+    # must); the abort goes on and close() awaits it.
+    await asyncio.shield(task)
