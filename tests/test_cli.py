@@ -455,6 +455,7 @@ async def test_check_config_output_written_back_as_toml_loads_the_same_config(en
     )
     for secret in ("access_key_id", "secret_access_key"):  # printed masked, so never equal
         del data["store"]["s3"][secret]
+    data["store"]["s3"]["tagging"] = {"project": "web", "team": "media"}
     original = write_config(env.tmp_path / "original.toml", data)
 
     code, out, err = await uploader(env, "check-config", str(original), config=False)

@@ -377,8 +377,8 @@ def load(path: str) -> Config:
 # Fields whose TOML key has another name, and fields that are no key of the file at all.
 _TOML_KEYS: Mapping[str, str] = {"SourceConfig.addresses": "address"}
 _NOT_KEYS = frozenset({"Config.path"})
-# (name, table) pairs that the file writes as a table of tables, `[limits.tubes.NAME]`.
-_PAIR_TABLES = frozenset({"LimitsConfig.tubes"})
+# (name, value) pairs that the file writes as a table: `[limits.tubes.NAME]`, `tagging = {...}`.
+_PAIR_TABLES = frozenset({"LimitsConfig.tubes", "S3StoreConfig.tagging"})
 
 
 def redacted(config: Config) -> dict[str, Any]:
