@@ -441,6 +441,23 @@ class HeldStore(StoreWrapper):
         return result
 
 
+class ChangingSource(SourceFile):
+    """A source whose file grows once its first bytes have been read: the store must notice."""
+
+    __slots__ = ()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await super().read(offset, length)
+        if offset == 0:
+            _append(self.path, b"appended while uploading")
+        return data
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def local_store(env: Env) -> LocalStore:
     return LocalStore(env.config().store.local)
 

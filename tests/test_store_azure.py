@@ -18,7 +18,7 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import Env, OpenFile, wait_until
+from tests.helpers import ChangingSource, Env, OpenFile, wait_until
 from uploader import config as config_mod
 from uploader.config import AzureStoreConfig
 from uploader.devservers import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
@@ -174,23 +174,6 @@ async def test_blocks_are_staged_part_concurrency_at_a_time(
     finally:
         await store.close()
     assert (await read_back(container, "held"))[0] == data
-
-
-def append(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-class ChangingSource(SourceFile):
-    """A source whose file grows once its first block has been read."""
-
-    __slots__ = ()
-
-    async def read(self, offset: int, length: int) -> bytes:
-        data = await super().read(offset, length)
-        if offset == 0:
-            append(self.path, b"appended while uploading")
-        return data
 
 
 class BlockingSource(SourceFile):

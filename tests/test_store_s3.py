@@ -19,7 +19,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from tests.helpers import OpenFile
+from tests.helpers import ChangingSource, OpenFile
 from uploader.config import MiB, S3StoreConfig
 from uploader.errors import (
     InfrastructureError,
@@ -106,23 +106,6 @@ async def test_file_above_threshold_goes_up_in_parts_and_is_completed(
     # A multipart object's ETag ends with the number of parts: 5 + 5 + 1 MiB.
     assert got["ETag"].strip('"').endswith("-3")
     assert uploads_in_progress(s3, bucket) == []
-
-
-def append(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-class ChangingSource(SourceFile):
-    """A source whose file grows once the first part has been read."""
-
-    __slots__ = ()
-
-    async def read(self, offset: int, length: int) -> bytes:
-        data = await super().read(offset, length)
-        if offset == 0:
-            append(self.path, b"appended while uploading")
-        return data
 
 
 async def test_source_changing_mid_multipart_aborts_the_upload(
