@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -385,13 +386,10 @@ async def test_no_credentials_anywhere_is_a_one_line_config_error() -> None:
     assert str(info.value).startswith("/etc/uploader.toml: [store.azure]") and "\n" not in str(info.value)
 
 
-async def test_account_url_without_azure_identity_says_what_to_install() -> None:
-    try:
-        import azure.identity  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("azure-identity is installed here")
+async def test_account_url_without_azure_identity_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "azure.identity.aio", None)  # absent, even where installed
     config = AzureStoreConfig(container="uploads", account_url="https://a.blob.core.windows.net")
     store = AzureStore(config, 1)
     with pytest.raises(ConfigError, match="azure-identity"):

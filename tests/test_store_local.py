@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import OpenFile
+from tests.helpers import OpenFile, wait_until
 from uploader import config as config_mod
 from uploader.config import LocalStoreConfig
 from uploader.errors import (
@@ -49,6 +49,11 @@ def all_files(top: Path) -> list[str]:
 
 def temp_files(top: Path) -> list[str]:
     return [f for f in all_files(top) if f.endswith(".tmp")]
+
+
+async def staged(top: Path, count: int) -> None:
+    """Every put has written its temporary file and waits for the group's fsync."""
+    await wait_until(lambda: len(temp_files(top)) == count, 10, f"{count} staged puts")
 
 
 def req(key: str) -> PutRequest:
@@ -412,9 +417,9 @@ async def test_a_batch_fsyncs_each_file_once_and_its_directory_once(
     fsyncs = Fsyncs(monkeypatch, hold_first=True)
     contents = {f"job/f{i:02d}": os.urandom(4096) for i in range(41)}
     tasks = put_tasks(store, open_file, contents)
-    # Small files are staged on the loop: one turn of it and every put waits for the step,
-    # the first alone in its batch (it found the store idle), the other 40 behind it.
-    await asyncio.sleep(0)
+    # Small files are staged on the loop: once all are, every put waits for the step, the
+    # first alone in its batch (it found the store idle), the other 40 behind it.
+    await staged(store_root, len(contents))
     fsyncs.release.set()
     await asyncio.gather(*tasks)
     assert fsyncs.count("data") == 41
@@ -429,7 +434,7 @@ async def test_a_failed_fsync_fails_only_that_files_put(
     fsyncs.fail = lambda st: stat.S_ISREG(st.st_mode) and st.st_size == 777
     contents = {f"job/f{i}": os.urandom(777 if i == 3 else 1000) for i in range(8)}
     tasks = put_tasks(store, open_file, contents)
-    await asyncio.sleep(0)  # all staged: one batch after the first
+    await staged(store_root, len(contents))  # all staged: one batch after the first
     fsyncs.release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[3], TransientFileError)
@@ -448,7 +453,7 @@ async def test_a_failed_directory_fsync_fails_every_put_in_that_directory(
     fsyncs.fail = lambda st: st.st_ino == bad
     contents = {f"{d}/f{i}": os.urandom(500) for i in range(3) for d in ("good", "bad")}
     tasks = put_tasks(store, open_file, contents)
-    await asyncio.sleep(0)
+    await staged(store_root, len(contents))
     fsyncs.release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     outcomes = {key: type(r).__name__ for key, r in zip(contents, results, strict=True)}
@@ -463,8 +468,7 @@ async def test_a_put_cancelled_in_a_batch_leaves_no_temp_file_and_the_others_lan
     fsyncs = Fsyncs(monkeypatch, hold_first=True)
     contents = {f"job/f{i}": os.urandom(2000) for i in range(6)}
     tasks = put_tasks(store, open_file, contents)
-    await asyncio.sleep(0)  # f0 is syncing (held); f1..f5 wait for the next batch
-    assert len(temp_files(store_root)) == 6
+    await staged(store_root, 6)  # f0 is syncing (held); f1..f5 wait for the next batch
     tasks[3].cancel()
     fsyncs.release.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
