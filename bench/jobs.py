@@ -258,6 +258,8 @@ class JobsBench:
             Workload("twenty-fsync", f"{many}, local store on disk, fsync on", twenty, 20, "disk-fsync"),
             Workload("twenty-tmpfs", f"{many}, local store on tmpfs, fsync off", twenty, 20, "tmpfs"),
         ]
+        if only := [key for key in bench.args.jobs_workloads.split(",") if key]:
+            self.workloads = [w for w in self.workloads if w.key in only]
 
     def run(self) -> None:
         b = self.bench
@@ -398,7 +400,22 @@ class JobsBench:
                 b.row(sec, w.label, value, target="2x the old code's files/s (run it with PYTHONPATH=<old>)")
             else:
                 b.row(sec, w.label, value)
-        one = up["one-32"]
+        if "one-32" in up:
+            self.one_file_rows(sec, up["one-32"])
+        for name, ms in arq.items():
+            a = ms[0]
+            how = f"poll_delay {a['poll_delay']:g} s, max_jobs {a['max_jobs']}"
+            b.row(
+                sec,
+                f"arq no-op, {how}{' (its defaults)' if name == 'defaults' else ''}, {a['jobs']:,} jobs",
+                f"{med(ms, 'jobs_per_s'):,.0f} jobs/s<br>{costs(ms, beanstalk=False)}"
+                f"<br>Redis: {per_job_calls(a['redis']['calls'], a['jobs'], 6)}",
+            )
+        b.results["jobs"] = {"uploader": origin, "n": self.n, "runs": up, "arq": arq, "arq_best": best}
+
+    def one_file_rows(self, sec: str, one: list[dict[str, Any]]) -> None:
+        """The targets of one-file jobs, and where their commands went."""
+        b = self.bench
         cpu = med(one, "cpu_ms_per_job")
         cmds = med(one, "redis_commands_per_job")
         trips = med(one, "redis_round_trips_per_job")
@@ -428,16 +445,6 @@ class JobsBench:
             f"{per_job_calls(fastest['redis']['calls'], jobs, 20)}; beanstalkd: "
             f"{per_job_calls(fastest['beanstalk']['calls'], jobs, 20)}"
         )
-        for name, ms in arq.items():
-            a = ms[0]
-            how = f"poll_delay {a['poll_delay']:g} s, max_jobs {a['max_jobs']}"
-            b.row(
-                sec,
-                f"arq no-op, {how}{' (its defaults)' if name == 'defaults' else ''}, {a['jobs']:,} jobs",
-                f"{med(ms, 'jobs_per_s'):,.0f} jobs/s<br>{costs(ms, beanstalk=False)}"
-                f"<br>Redis: {per_job_calls(a['redis']['calls'], a['jobs'], 6)}",
-            )
-        b.results["jobs"] = {"uploader": origin, "n": self.n, "runs": up, "arq": arq, "arq_best": best}
 
 
 def med(ms: list[dict[str, Any]], key: str) -> float:

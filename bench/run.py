@@ -730,6 +730,7 @@ def main() -> None:
     p.add_argument("--aws", default=os.environ.get("AWS", ""))
     p.add_argument("--arq", default=os.environ.get("ARQ_PYTHON", ""), help="python of arq's virtualenv")
     p.add_argument("--jobs-n", type=int, default=2000, help="one-file jobs of the jobs step (N/20 of 20)")
+    p.add_argument("--jobs-workloads", default="", help="jobs workloads to run: one-32,twenty-fsync...")
     p.add_argument("--parts-mib", type=int, default=1024, help="the file of the parts step, in MiB")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
