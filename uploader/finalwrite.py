@@ -20,7 +20,7 @@ from redis.typing import EncodableT
 
 from uploader.config import RedisConfig
 from uploader.ledger import Batch, Ledger
-from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, scripted
+from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, call_script, scripted
 from uploader.redisio import Keys, is_cluster
 
 log = structlog.get_logger("uploader.progress")
@@ -87,7 +87,7 @@ class FinalWrite:
             RECENT_JOBS, FAILED_JOBS, self._config.files_ttl or "", *c.ledger.acknowledged(),
             *c.ledger.unacknowledged().args(int(time.time())),
         ]
-        reply = (await scripted(self._redis, lambda pipe: CLOSE_SCRIPT(pipe, keys, args)))[0]
+        reply = await call_script(self._redis, CLOSE_SCRIPT, keys, args)
         if reply in ([-1], [-2]):
             return None
         payload, published, failing, failed = reply

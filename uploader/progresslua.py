@@ -348,6 +348,19 @@ CLOSE_SCRIPT = Lua(CLOSE)
 SCRIPTS = (APPLY_SCRIPT, START_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, CLOSE_SCRIPT)
 
 
+async def call_script(
+    client: aioredis.Redis, script: Lua, keys: Sequence[str], args: Sequence[EncodableT]
+) -> Any:
+    """One script call, without a pipeline's machinery; on NOSCRIPT load the scripts and call
+    it again."""
+    try:
+        return await script(client, keys, args)
+    except redis.exceptions.NoScriptError:
+        for each in SCRIPTS:
+            await each.load(client)
+        return await script(client, keys, args)
+
+
 async def scripted(client: aioredis.Redis, queue: Callable[[Pipeline], object]) -> list[Any]:
     """Run a pipeline of script calls; on NOSCRIPT load the scripts and run it again."""
     for attempt in (1, 2):

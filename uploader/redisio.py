@@ -29,6 +29,12 @@ from uploader.retry import backoff_delays
 T = TypeVar("T")
 log = structlog.get_logger("uploader.redis")
 
+# What one operation (a command, a pipeline, a script and what it needs) may take before it
+# counts as an outage. The daemon's client has no timeout per reply: redis-py would arm one
+# for every reply of a pipeline and run every send in a task of its own (asyncio.wait_for),
+# about a fifth of a small job's Redis cost; `until_done` arms one deadline per operation.
+OPERATION_DEADLINE = 30.0
+
 # Errors that mean "Redis cannot serve this right now", never "this job is bad": down, loading,
 # a replica or a demoted master (READONLY), a failover or resharding in progress, full (OOM).
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
@@ -117,13 +123,14 @@ def connect(
     config: RedisConfig,
     *,
     connect_timeout: float = 5.0,
-    reply_timeout: float = 30.0,
+    reply_timeout: float | None = 30.0,
     retry: bool = True,
     decode: bool = False,
 ) -> aioredis.Redis:
     """A client for the configured mode. The cluster client is typed as the standalone one:
     it answers the same commands, and what it cannot (a transaction across slots) the daemon
-    never sends."""
+    never sends. `reply_timeout=None` leaves every call to a deadline of its caller's:
+    `until_done`, or an `asyncio.timeout` of its own."""
     common: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,
         "socket_timeout": reply_timeout,
@@ -156,7 +163,9 @@ def _sentinel_master(config: RedisConfig, common: dict[str, Any]) -> aioredis.Re
     if config.url.startswith("rediss:"):
         kwargs["ssl"] = True
     sentinels = [(host, int(port)) for host, port in (a.rsplit(":", 1) for a in config.sentinels)]
-    sentinel_kwargs = {k: common[k] for k in ("socket_connect_timeout", "socket_timeout")}
+    # Asking a sentinel is never left unbounded: a hung one gives way to the next.
+    sentinel_kwargs = {"socket_connect_timeout": common["socket_connect_timeout"],
+                       "socket_timeout": common["socket_timeout"] or common["socket_connect_timeout"]}
     manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common, **kwargs)  # type: ignore[no-untyped-call]
     return cast(aioredis.Redis, manager.master_for(config.service, redis_class=_SentinelMaster))
 
@@ -190,13 +199,15 @@ def is_cluster(client: aioredis.Redis) -> bool:
     return isinstance(client, RedisCluster)
 
 
-async def until_done(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run a Redis operation, waiting with backoff through outages instead of failing."""
+async def until_done(call: Callable[[], Awaitable[T]], what: str, deadline: float = OPERATION_DEADLINE) -> T:
+    """Run a Redis operation, waiting with backoff through outages instead of failing; one
+    that takes longer than `deadline` (a hung server) is an outage too."""
     delays = backoff_delays(0.05, 2.0)
     failures = 0
     while True:
         try:
-            result = await call()
+            async with asyncio.timeout(deadline):
+                result = await call()
             # redis-py (8.1) can swallow a cancellation that lands mid-command and return the
             # reply anyway; honour it here, or a cancelled helper task runs on forever.
             task = asyncio.current_task()
@@ -209,7 +220,8 @@ async def until_done(call: Callable[[], Awaitable[T]], what: str) -> T:
             failures += 1
             delay = next(delays)
             if failures == 1 or failures % 20 == 0:
-                log.warning("redis_unavailable", operation=what, error=str(exc), failures=failures)
+                error = str(exc) or f"no reply within {deadline:g} s"
+                log.warning("redis_unavailable", operation=what, error=error, failures=failures)
             await asyncio.sleep(delay)
 
 
