@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from uploader.manifest import Page
+from uploader.progresslua import Lua, call_script
 from uploader.redisio import Keys, is_cluster, until_done
 
 
@@ -27,26 +28,30 @@ class Head:
     total: int | None
 
 
+# Off a cluster, the whole read in one script call. KEYS: the list, then every key of the job.
+# ARGV: the page size. Returns {how many of the job's keys exist, the page}, or {-1} when
+# the list's key holds another type (START says so).
+PROBE = """
+local page = redis.pcall('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if page.err then return {-1} end
+return {redis.call('EXISTS', unpack(KEYS, 2)), page}
+"""
+PROBE_SCRIPT = Lua(PROBE)
+
+
 async def probe(
     redis: aioredis.Redis, keys: Keys, job_id: str, inline: Sequence[object] | None, page_size: int
 ) -> Head | None:
     """The first page of a job that no run has touched; None for any other job."""
-    own = [keys.job(job_id), *keys.internal(job_id)]  # one slot: the hash's
-    apart = [keys.failed(job_id), keys.cancel(job_id)]
-    if not is_cluster(redis):  # one EXISTS for all: a set cancel flag takes START's way too
-        own, apart = own + apart, []
-
-    async def call() -> list[object]:
-        async with redis.pipeline(transaction=False) as pipe:
-            if inline is None:
-                pipe.lrange(keys.files(job_id), 0, page_size - 1)
-            pipe.exists(*own)
-            for key in apart:
-                pipe.exists(key)
-            replies: list[object] = await pipe.execute(raise_on_error=False)
-            return replies
-
-    replies = await until_done(call, "read job")
+    own = [keys.job(job_id), *keys.internal(job_id), keys.failed(job_id), keys.cancel(job_id)]
+    if is_cluster(redis):
+        replies = await until_done(lambda: _read_apart(redis, keys, job_id, inline, page_size), "read job")
+    elif inline is None:
+        reply = await until_done(
+            lambda: call_script(redis, PROBE_SCRIPT, [keys.files(job_id), *own], [page_size]), "read job")
+        replies = [reply[1], reply[0]] if reply[0] != -1 else [None]
+    else:
+        replies = [await until_done(lambda: redis.exists(*own), "read job")]
     entries: object = list(inline[:page_size]) if inline is not None else replies.pop(0)
     if not isinstance(entries, list) or not entries or any(n != 0 for n in replies):
         return None  # a wrong type, an empty list, keys of an earlier run, a cancel: START decides
@@ -55,3 +60,17 @@ async def probe(
     else:
         total = len(entries) if len(entries) < page_size else None
     return Head(Page(0, entries, b"", cancelled=False), total)
+
+
+async def _read_apart(
+    redis: aioredis.Redis, keys: Keys, job_id: str, inline: Sequence[object] | None, page_size: int
+) -> list[object]:
+    """On a cluster: the page, the keys in the hash's slot, and the two in slots of their own."""
+    async with redis.pipeline(transaction=False) as pipe:
+        if inline is None:
+            pipe.lrange(keys.files(job_id), 0, page_size - 1)
+        pipe.exists(keys.job(job_id), *keys.internal(job_id))
+        pipe.exists(keys.failed(job_id))
+        pipe.exists(keys.cancel(job_id))
+        replies: list[object] = await pipe.execute(raise_on_error=False)
+        return replies

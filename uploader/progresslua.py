@@ -356,7 +356,7 @@ async def call_script(
     try:
         return await script(client, keys, args)
     except redis.exceptions.NoScriptError:
-        for each in SCRIPTS:
+        for each in {*SCRIPTS, script}:
             await each.load(client)
         return await script(client, keys, args)
 
