@@ -9,11 +9,13 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
+import structlog
 
 from tests.helpers import Env, HeldStore, local_store, wait_until
 from uploader.beanstalk import Connection
 from uploader.config import RedisConfig
 from uploader.devservers import Server
+from uploader.jobs import QUICK_JOB
 from uploader.progress import Delivery, Progress
 from uploader.redisio import Keys
 
@@ -33,10 +35,15 @@ async def test_a_one_file_job_is_announced_once_on_each_channel_and_its_keys_exp
     pubsub = env.redis.pubsub()
     await pubsub.subscribe(env.keys.events)
     await env.redis.set(env.keys.cancel("unrelated"), 1)  # another job's flag: no matter
-    async with env.daemon(env.config()):
-        await env.push_job(job_id, [str(path)])
-        [message] = await env.completions(1)
-        state = await env.wait_final(job_id)
+    with structlog.testing.capture_logs() as logged:
+        async with env.daemon(env.config()):
+            await env.push_job(job_id, [str(path)])
+            [message] = await env.completions(1)
+            state = await env.wait_final(job_id)
+    # One line for a quick job, which says what job_started would have said.
+    lines = [e for e in logged if e["event"] in ("job_started", "job_finished")]
+    assert [e["event"] for e in lines] == ["job_finished"]
+    assert lines[0]["run"] == "fresh" and lines[0]["tube"] == env.tube and lines[0]["beanstalk_job"] > 0
     events = []
     while (event := await pubsub.get_message(timeout=0.5)) is not None:  # until quiet
         if event["type"] == "message":
@@ -57,18 +64,24 @@ async def test_a_one_file_job_is_announced_once_on_each_channel_and_its_keys_exp
 async def test_a_new_job_shows_running_within_a_flush_interval_before_any_file_is_done(env: Env) -> None:
     job_id = f"slow-{env.tag}"
     store = HeldStore(local_store(env), allow=0)
-    async with env.daemon(env.config(), store=store):
-        await env.push_job(job_id, [str(p) for p in env.write_files(3)])
+    with structlog.testing.capture_logs() as logged:
+        async with env.daemon(env.config(), store=store):
+            await env.push_job(job_id, [str(p) for p in env.write_files(3)])
 
-        async def running() -> dict[str, str] | None:
-            state = await env.state(job_id)
-            return state if state.get("state") == "running" else None
+            async def running() -> dict[str, str] | None:
+                state = await env.state(job_id)
+                return state if state.get("state") == "running" else None
 
-        state = await wait_until(running, 5, "the lazy start written")
-        assert (state["total"], state["uploaded"], state["failed"]) == ("3", "0", "0")
-        store.gate.set()
-        final = await env.wait_final(job_id)
+            state = await wait_until(running, 5, "the lazy start written")
+            assert (state["total"], state["uploaded"], state["failed"]) == ("3", "0", "0")
+            await wait_until(lambda: any(e["event"] == "job_started" for e in logged), 5, "job_started")
+            store.gate.set()
+            final = await env.wait_final(job_id)
     assert (final["state"], final["uploaded"]) == ("done", "3")
+    # A job that outlasts QUICK_JOB says it started, once, and then that it finished.
+    lines = [e for e in logged if e["event"] in ("job_started", "job_finished")]
+    assert [e["event"] for e in lines] == ["job_started", "job_finished"]
+    assert lines[0]["run"] == "fresh" and lines[0]["since"] >= QUICK_JOB and lines[1]["run"] == "logged"
 
 
 async def test_a_cancel_flag_set_before_a_new_job_starts_cancels_it(env: Env) -> None:

@@ -58,8 +58,7 @@ class Daemon:
         self.force = asyncio.Event()
         self.ready = False
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        # Every call on it is bounded by its caller (redisio.until_done, the heartbeat's timeout).
-        self.redis = redisio.connect(config.redis, reply_timeout=None)
+        self.redis = redisio.connect(config.redis, reply_timeout=None)  # each call has its deadline
         # Short timeouts for probes and the HTTP API: an outage answers fast, never hangs.
         self.probe_redis = redisio.connect(
             config.redis, connect_timeout=web.PROBE_TIMEOUT, reply_timeout=web.PROBE_TIMEOUT
