@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from uploader.errors import InfrastructureError, UploaderError
@@ -395,9 +395,7 @@ class Producer:
         ttr: int = 60,
         prefer: str | None = None,
     ) -> int:
-        from uploader.retry import backoff_delays
-
-        delays = backoff_delays(0.1, 5.0)
+        delays: Iterator[float] | None = None  # made at the first round that no server took
         async with self._lock:
             while True:
                 for address in self.order(prefer):
@@ -407,6 +405,10 @@ class Producer:
                             return await conn.put(body, priority, delay, ttr)
                     except (ConnectionLost, TimeoutError):
                         await self._forget(address)
+                if delays is None:
+                    from uploader.retry import backoff_delays
+
+                    delays = backoff_delays(0.1, 5.0)
                 await asyncio.sleep(next(delays))
 
     async def _conn(self, address: str) -> Connection:
