@@ -13,11 +13,13 @@ import os
 import signal
 import time
 import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import structlog
 
 from tests.faultproxy import FaultProxy, Rule
@@ -35,57 +37,63 @@ def _resume(pid: int) -> None:
     os.kill(pid, signal.SIGCONT)
 
 
-@pytest.mark.timeout(30)
-async def test_a_call_past_its_deadline_is_an_outage_and_the_client_stays_in_step() -> None:
+@pytest.fixture
+async def standalone() -> AsyncIterator[tuple[int, aioredis.Redis]]:
+    """A redis-server of the test's own, its pid to stop and continue, and a client as the
+    daemon's: no timeout per reply."""
     server = devservers.redis().start()
     assert server.proc is not None
     client = redisio.connect(RedisConfig(url=f"redis://{server.address}/0"), reply_timeout=None)
     try:
-        await client.mset({"a": "1", "b": "2"})
-        _pause(server.proc.pid)
-        try:
-            with structlog.testing.capture_logs() as logs:
-                call = asyncio.create_task(redisio.until_done(lambda: client.get("a"), "get a", deadline=0.3))
-
-                def timed_out() -> bool:
-                    return any(e["event"] == "redis_unavailable" for e in logs)
-
-                await wait_until(timed_out, 5, "the deadline to fire")
-                assert not call.done()
-        finally:
-            _resume(server.proc.pid)
-        assert await asyncio.wait_for(call, 10) == b"1"
-        unavailable = [e for e in logs if e["event"] == "redis_unavailable"]
-        assert unavailable[0]["error"] == "no reply within 0.3 s"
-        # The abandoned request's reply must not be taken for a later command's.
-        assert await client.get("b") == b"2"
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.get("b").get("a").get("missing")
-            assert await pipe.execute() == [b"2", b"1", None]
-    finally:
-        await client.aclose()
-        server.stop()
-
-
-@pytest.mark.timeout(30)
-async def test_a_hang_within_the_deadline_is_waited_out_in_one_call() -> None:
-    server = devservers.redis().start()
-    assert server.proc is not None
-    client = redisio.connect(RedisConfig(url=f"redis://{server.address}/0"), reply_timeout=None)
-    try:
-        await client.set("a", "1")
-        _pause(server.proc.pid)
-        with structlog.testing.capture_logs() as logs:
-            call = asyncio.create_task(redisio.until_done(lambda: client.incr("a"), "incr a", deadline=10))
-            await asyncio.sleep(0.5)  # the hang itself, not a wait for an event
-            _resume(server.proc.pid)
-            assert await asyncio.wait_for(call, 10) == 2
-        assert logs == []
-        assert await client.get("a") == b"2"  # sent once, counted once
+        yield server.proc.pid, client
     finally:
         _resume(server.proc.pid)
         await client.aclose()
         server.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_call_past_its_deadline_is_an_outage_and_the_client_stays_in_step(
+    standalone: tuple[int, aioredis.Redis],
+) -> None:
+    pid, client = standalone
+    await client.mset({"a": "1", "b": "2"})
+    _pause(pid)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            call = asyncio.create_task(redisio.until_done(lambda: client.get("a"), "get a", deadline=0.3))
+
+            def timed_out() -> bool:
+                return any(e["event"] == "redis_unavailable" for e in logs)
+
+            await wait_until(timed_out, 5, "the deadline to fire")
+            assert not call.done()
+    finally:
+        _resume(pid)
+    assert await asyncio.wait_for(call, 10) == b"1"
+    unavailable = [e for e in logs if e["event"] == "redis_unavailable"]
+    assert unavailable[0]["error"] == "no reply within 0.3 s"
+    # The abandoned request's reply must not be taken for a later command's.
+    assert await client.get("b") == b"2"
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get("b").get("a").get("missing")
+        assert await pipe.execute() == [b"2", b"1", None]
+
+
+@pytest.mark.timeout(30)
+async def test_a_hang_within_the_deadline_is_waited_out_in_one_call(
+    standalone: tuple[int, aioredis.Redis],
+) -> None:
+    pid, client = standalone
+    await client.set("a", "1")
+    _pause(pid)
+    with structlog.testing.capture_logs() as logs:
+        call = asyncio.create_task(redisio.until_done(lambda: client.incr("a"), "incr a", deadline=10))
+        await asyncio.sleep(0.5)  # the hang itself, not a wait for an event
+        _resume(pid)
+        assert await asyncio.wait_for(call, 10) == 2
+    assert logs == []
+    assert await client.get("a") == b"2"  # sent once, counted once
 
 
 @pytest.mark.timeout(90)
