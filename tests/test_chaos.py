@@ -196,7 +196,7 @@ async def test_redis_down_for_10s_fails_no_file(
         await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down_at)))  # the outage itself
         server.start()
 
-        state = await _wait_final_through_outage(penv, job_id)
+        state = await wait_final_through_outage(penv, job_id)
         assert (state["state"], state["uploaded"], state["failed"]) == ("done", "150", "0")
         assert await penv.failures(job_id) == {}
         assert daemon.events("file_failed") == []
@@ -239,14 +239,14 @@ async def test_sigterm_while_redis_is_down_releases_the_job_and_exits_0(
         await wait_until(ready_again, 5, "the job to be back in its tube")
         server.start()
         second = daemons.start(config)
-        state = await _wait_final_through_outage(penv, job_id)
+        state = await wait_final_through_outage(penv, job_id)
         assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
         assert_all_landed(s3, bucket, penv, {job_id: paths})
         assert second.stop() == 0
         print(f"SIGTERM with Redis down: exit 0 after {took:.2f} s, job released, 0 lost")
 
 
-async def _wait_final_through_outage(env: Env, job_id: str) -> dict[str, str]:
+async def wait_final_through_outage(env: Env, job_id: str) -> dict[str, str]:
     async def final() -> dict[str, str] | None:
         try:
             state = await env.state(job_id)
@@ -475,7 +475,7 @@ async def test_soak_random_faults(
                 elif fault == "blackhole":
                     proxy.add(Rule("blackhole", until=time.monotonic() + rng.uniform(2, 8)))
             for job_id in jobs:
-                state = await _wait_final_through_outage(penv, job_id)
+                state = await wait_final_through_outage(penv, job_id)
                 assert (state["state"], state["failed"]) == ("done", "0"), await penv.failures(job_id)
             assert_all_landed(s3, bucket, penv, jobs)
             files = sum(len(p) for p in jobs.values())

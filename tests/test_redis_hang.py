@@ -24,7 +24,7 @@ import structlog
 
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Daemons, Env, get, on_private_redis, uploaded_at_least, wait_until
-from tests.test_chaos import TOKEN, assert_all_landed, chaos_config
+from tests.test_chaos import TOKEN, assert_all_landed, chaos_config, wait_final_through_outage
 from uploader import devservers, redisio
 from uploader.config import RedisConfig
 
@@ -112,6 +112,7 @@ async def test_redis_hung_mid_job_pauses_the_daemon_and_fails_no_file(
         base = f"http://{tomllib.loads(config.read_text())['http']['listen']}"
 
         _pause(server.proc.pid)
+        paused_at = time.monotonic()
         try:
             async with aiohttp.ClientSession() as http:
 
@@ -121,17 +122,12 @@ async def test_redis_hung_mid_job_pauses_the_daemon_and_fails_no_file(
 
                 body = await wait_until(not_ready, 15, "/readyz to say Redis does not answer")
                 assert body["checks"]["redis"]["ok"] is False
-                hung_for = time.monotonic()
                 await asyncio.sleep(3.0)  # the hang itself, not a wait for an event
         finally:
             _resume(server.proc.pid)
-        hung_for = time.monotonic() - hung_for
+        hung_for = time.monotonic() - paused_at
 
-        async def final() -> dict[str, str] | None:
-            state = await penv.state(job_id)
-            return state if state.get("state") in ("done", "failed", "cancelled") else None
-
-        state = await wait_until(final, 60, f"job {job_id} to finish")
+        state = await wait_final_through_outage(penv, job_id)
         assert (state["state"], state["uploaded"], state["failed"]) == ("done", "120", "0")
         assert await penv.failures(job_id) == {}
         assert daemon.events("file_failed") == []
