@@ -66,6 +66,19 @@ async def test_a_failing_part_stops_the_others_and_the_upload_is_aborted(
     assert await proxied.stat("p/fails") is None
 
 
+async def test_an_abort_that_is_refused_is_sent_again_until_the_upload_is_gone(
+    proxied: S3Store, proxy: FaultProxy, s3: Any, bucket: str, open_file: OpenFile
+) -> None:
+    # A part fails, then S3 refuses the first abort (as moto does, 500, when a part still lands).
+    proxy.add(Rule("slowdown", parts_only=True, count=1))
+    proxy.add(Rule("slowdown", methods=frozenset({"DELETE"}), count=1))
+    with open_file("big", os.urandom(21 * MiB)) as source, pytest.raises(ThrottledError):
+        await proxied.put(source, PutRequest("p/refused", "application/octet-stream"))
+    aborts = [r.status for r in proxy.snapshot() if r.request.method == "DELETE"]
+    assert aborts == [503, 204]
+    assert uploads_in_progress(s3, bucket) == []
+
+
 def test_memory_needed_is_a_part_for_each_part_in_flight(moto_endpoint: str) -> None:
     store = S3Store(make_config(moto_endpoint, "b", part_concurrency=4), concurrency=1)
     assert store.memory_needed(4 * MiB) == 4 * MiB  # below the threshold: the whole body

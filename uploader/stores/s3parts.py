@@ -15,10 +15,16 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import botocore.exceptions
+
 from uploader.files import SourceFile
 from uploader.stores.s3objects import content_md5
 
 MAX_PARTS = 10_000
+# An abort that does not take is sent again, after 0.25, 0.5 and 1 s: a bucket left with the
+# parts of an upload nobody completes is billed for them until a lifecycle rule clears it.
+ABORT_ATTEMPTS = 4
+ABORT_PAUSE = 0.25
 
 
 def part_size_for(size: int, part_size: int) -> int:
@@ -98,12 +104,18 @@ class Multipart:
 async def abort(
     client: Any, bucket: str, name: str, upload_id: str, pending: set[asyncio.Task[None]]
 ) -> None:
-    """Abort an unfinished upload; shielded from cancellation, its failure never raised. The
-    task stays in `pending` until it ends, for the store's close() to wait on."""
+    """Abort an unfinished upload until S3 says it is gone; shielded from cancellation, its
+    failure never raised. The task stays in `pending` until it ends, for the store's close()
+    to wait on."""
 
     async def run() -> None:
-        with contextlib.suppress(Exception):
-            await client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id)
+        for attempt in range(ABORT_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(ABORT_PAUSE * 2 ** (attempt - 1))
+            with contextlib.suppress(Exception):
+                await client.abort_multipart_upload(Bucket=bucket, Key=name, UploadId=upload_id)
+            if await _gone(client, bucket, name, upload_id):
+                return
 
     task = asyncio.ensure_future(run())
     pending.add(task)
@@ -111,3 +123,15 @@ async def abort(
     # A second cancellation ends this wait (and wins over the original error, as it
     # must); the abort goes on and close() awaits it.
     await asyncio.shield(task)
+
+
+async def _gone(client: Any, bucket: str, name: str, upload_id: str) -> bool:
+    """Whether S3 knows the upload no more. An abort can fail, and a part still on its way
+    when it came can land after it (S3's documentation says to abort again then)."""
+    try:
+        await client.list_parts(Bucket=bucket, Key=name, UploadId=upload_id, MaxParts=1)
+    except botocore.exceptions.ClientError as exc:
+        return bool(exc.response.get("Error", {}).get("Code") == "NoSuchUpload")
+    except Exception:  # noqa: BLE001 - whatever the check met, the upload may still be there
+        return False
+    return False
