@@ -56,11 +56,11 @@ async def check_done(env: Env, expected: dict[str, dict[str, tuple[Path, str]]],
     assert (await env.tube_stats())["current-jobs-ready"] == "0"
 
 
-# 4,000 objects up and read back through moto, whose requests are served one at a time: about
-# 110 s on a slow 2-core VM with nothing else running, so the limit leaves room for load.
+# Every object is read back through moto, which shares this process (and its GIL) with the
+# daemon: 2,000 objects take about 55 s on a slow 2-core VM at rest (4,000 took 110 s).
 @pytest.mark.timeout(300)
 async def test_s3_end_to_end_as_an_outside_producer(env: Env, s3: Any, bucket: str) -> None:
-    expected = await submit_jobs(env, jobs=20, files=200)
+    expected = await submit_jobs(env, jobs=10, files=200)
     config = env.config("s3", bucket, upload={"concurrency": 32})
     async with env.daemon(config):
         await check_done(env, expected, files=200)
@@ -85,7 +85,7 @@ async def test_s3_end_to_end_as_an_outside_producer(env: Env, s3: Any, bucket: s
     listed = sum(
         page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     )
-    assert listed == 20 * 200
+    assert listed == 10 * 200
 
 
 @pytest.mark.timeout(90)
