@@ -11,7 +11,12 @@ as one in the test's loop. Every request is read whole, then matched against the
 - ``hold``: forward only once the test releases the key (`release`), so a test can act while
   an upload is provably in flight;
 - ``corrupt``: forward the request with one byte in the middle of its body flipped (a body
-  damaged on the way, which the store must refuse by its checksum), its headers unchanged.
+  damaged on the way, which the store must refuse by its checksum), its headers unchanged;
+- ``invalidpart``: answer ``400 InvalidPart`` without forwarding, as a server does to a
+  completion that names a part it has not recorded yet (Ceph RGW under load);
+  ``invalidblocklist``: the same for an Azure block list commit;
+- ``hidepart``: forward, then drop the first ``<Part>`` or ``<Block>`` from the answer (a
+  ListParts or Get Block List that does not show one yet).
 
 Requests are forwarded one per upstream connection with ``Connection: close`` and the answer
 is relayed back with ``Connection: close``: no response parsing, and a fault can never leave
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -33,12 +39,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-Fault = str  # "slowdown" | "reset" | "blackhole" | "delay" | "hold" | "corrupt"
+# "slowdown" | "reset" | "blackhole" | "delay" | "hold" | "corrupt" | "invalidpart"
+# | "invalidblocklist" | "hidepart"
+Fault = str
 
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+INVALID_PART_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidPart</Code>'
+    b"<Message>One or more of the specified parts could not be found.</Message></Error>"
+)
+INVALID_BLOCK_LIST_BODY = (
+    b'<?xml version="1.0" encoding="utf-8"?><Error><Code>InvalidBlockList</Code>'
+    b"<Message>The specified block list is invalid.</Message></Error>"
+)
+PART_ELEMENT = re.compile(rb"<(Part|Block)>.*?</\1>", re.DOTALL)
 MAX_HEAD = 64 * 1024
 HOLD_POLL = 0.01  # seconds between checks of a held request's release
 
@@ -68,6 +85,7 @@ class Rule:
     until: float | None = None
     delay: float = 0.0
     parts_only: bool = False
+    query: str = ""  # a text the request's query must hold: "uploadId=" for a completion (POST)
     hits: dict[str, int] = field(default_factory=dict)
     used: int = 0
 
@@ -75,6 +93,8 @@ class Rule:
         if request.method not in self.methods or not request.key.startswith(self.prefix):
             return False
         if self.parts_only and not request.is_part:
+            return False
+        if self.query not in request.query:
             return False
         if self.until is not None and now >= self.until:
             return False
@@ -247,8 +267,8 @@ class FaultProxy:
         if fault == "corrupt" and body:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
-        if fault == "slowdown":
-            await self._answer(writer, record, self._slowdown())
+        if fault in ("slowdown", "invalidpart", "invalidblocklist"):
+            await self._answer(writer, record, self._error(fault))
             return
         if fault == "hold":
             with self._lock:
@@ -262,6 +282,8 @@ class FaultProxy:
         kept = [f"{k}:{v}" for k, v in headers if k.strip().lower() not in ("connection", "expect")]
         upstream_head = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
         answer = await self._forward(upstream_head + body, record)
+        if fault == "hidepart":
+            answer = self._without_first_part(answer)
         if fault == "delay":
             assert rule is not None
             with self._held_back():
@@ -281,12 +303,28 @@ class FaultProxy:
                 await up_writer.wait_closed()
 
     @staticmethod
-    def _slowdown() -> bytes:
+    def _error(fault: Fault) -> bytes:
+        status, body, code = "503 Slow Down", SLOWDOWN_BODY, "SlowDown"
+        if fault == "invalidpart":
+            status, body, code = "400 Bad Request", INVALID_PART_BODY, "InvalidPart"
+        elif fault == "invalidblocklist":
+            status, body, code = "400 Bad Request", INVALID_BLOCK_LIST_BODY, "InvalidBlockList"
         head = (
-            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-            f"Content-Length: {len(SLOWDOWN_BODY)}\r\n\r\n"
+            f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nx-ms-error-code: {code}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
         )
-        return head.encode() + SLOWDOWN_BODY
+        return head.encode() + body
+
+    @staticmethod
+    def _without_first_part(answer: bytes) -> bytes:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        if any(ln.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for ln in lines):
+            body = _unchunked(body)
+        body = PART_ELEMENT.sub(b"", body, count=1)
+        framing = (b"content-length:", b"transfer-encoding:")
+        lines = [ln for ln in lines if not ln.lower().startswith(framing)]
+        return b"\r\n".join([*lines, b"Content-Length: %d" % len(body)]) + sep + body
 
     async def _answer(self, writer: asyncio.StreamWriter, record: Record, answer: bytes) -> None:
         """Relay an answer with `Connection: close`, so the client never reuses this socket."""
@@ -297,3 +335,16 @@ class FaultProxy:
         writer.write(b"\r\n".join([*lines, b"Connection: close"]) + sep + body)
         await writer.drain()
         record.ended = time.monotonic()
+
+
+def _unchunked(body: bytes) -> bytes:
+    """A chunked body's bytes (an answer read whole, up to its last chunk)."""
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)

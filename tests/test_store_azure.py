@@ -177,6 +177,34 @@ async def test_blocks_are_staged_part_concurrency_at_a_time(
     assert (await read_back(container, "held"))[0] == data
 
 
+@pytest.mark.parametrize("hidden", [False, True], ids=["all-held", "one-not-listed"])
+async def test_a_commit_refused_as_invalid_block_list_is_mended_and_sent_again(
+    connection: str, container: ContainerClient, azurite_proxy: FaultProxy, open_file: OpenFile, hidden: bool
+) -> None:
+    """Every block acknowledged, the first commit refused: the blocks the service does not list
+    are staged again (only those), the commit sent again, the blob whole."""
+    store = AzureStore(make_config(via(azurite_proxy), container.container_name), concurrency=4)
+    key = f"{container.container_name}/raced"
+    data = os.urandom(4 * PART + 5)
+    azurite_proxy.add(Rule("invalidblocklist", prefix=key, methods=PUT, query="comp=blocklist", count=1))
+    if hidden:
+        listing = Rule("hidepart", prefix=key, methods=frozenset({"GET"}), query="comp=blocklist", count=1)
+        azurite_proxy.add(listing)
+    await store.start()
+    try:
+        with open_file("raced", data) as source:
+            assert (await store.put(source, PutRequest("raced", "application/x"))).bytes_sent == len(data)
+    finally:
+        await store.close()
+    puts = [r for r in azurite_proxy.snapshot() if r.request.key == key and r.request.method == "PUT"]
+    commits = [r.status for r in puts if "comp=blocklist" in r.request.query]
+    staged = [r for r in puts if "comp=block&" in r.request.query or r.request.query.endswith("comp=block")]
+    assert commits == [400, 201]
+    assert len(staged) == 5 + hidden
+    got, props = await read_back(container, "raced")
+    assert got == data and bytes(props.content_settings.content_md5).hex() == md5hex(data)
+
+
 class BlockingSource(SourceFile):
     """A source that stops before its second block until the test lets it go (never)."""
 

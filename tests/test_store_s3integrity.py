@@ -6,6 +6,8 @@ Against `rclone serve s3` (tests/rclones3.py): moto verifies no checksum at all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +16,9 @@ from typing import Any
 import pytest
 
 from tests.faultproxy import FaultProxy, Rule
+from tests.helpers import Env
 from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
+from uploader import config as config_mod
 from uploader.config import MiB, RetryConfig, S3StoreConfig
 from uploader.errors import TransientFileError
 from uploader.files import Root, open_source
@@ -110,3 +114,37 @@ async def test_a_part_damaged_on_the_way_is_refused_and_the_upload_retried_whole
 def test_a_digest_mismatch_is_transient_on_either_path(code: str) -> None:
     error = classify_s3_error(error_from_reply(400, f"<Error><Code>{code}</Code></Error>".encode()))
     assert type(error) is TransientFileError and code in error.reason
+
+
+@pytest.mark.timeout(180)
+async def test_a_200_mib_file_whose_completion_is_refused_is_stored_whole_and_counted_once(
+    env: Env, rclone_proxy: FaultProxy, rclone_s3: RcloneS3
+) -> None:
+    # Ceph RGW's race, end to end: every part answered 200, the first completion refused
+    # with InvalidPart. The file is neither failed nor sent twice.
+    big = env.uploads / "big.bin"
+    digest = hashlib.sha256()
+    with big.open("wb") as out:
+        for _ in range(200):
+            chunk = os.urandom(MiB)
+            digest.update(chunk)
+            out.write(chunk)
+    job_id = f"race-{env.tag}"
+    await env.push_job(job_id, [json.dumps({"path": str(big), "key": "race/big.bin"})])
+    rclone_proxy.add(Rule("invalidpart", methods=frozenset({"POST"}), query="uploadId=", count=1))
+    data = env.config_data("s3", BUCKET)
+    data["store"]["s3"].update(
+        endpoint_url=rclone_proxy.endpoint, access_key_id=RCLONE_KEY, secret_access_key=RCLONE_SECRET
+    )
+    async with env.daemon(config_mod.parse(data, str(env.tmp_path / "uploader.toml"))):
+        state = await env.wait_final(job_id, timeout=150)
+    assert state["state"] == "done", (state, await env.failures(job_id))
+    assert (state["uploaded"], state["failed"]) == ("1", "0")
+    posts = [r for r in rclone_proxy.snapshot() if r.request.method == "POST"]
+    completions = [r.status for r in posts if "uploadId" in r.request.query]
+    assert completions.count(400) == 1 and completions[-1] == 200
+    stored = hashlib.sha256()
+    body = rclone_s3.client().get_object(Bucket=BUCKET, Key="race/big.bin")["Body"]
+    for chunk in iter(lambda: body.read(MiB), b""):
+        stored.update(chunk)
+    assert stored.hexdigest() == digest.hexdigest()

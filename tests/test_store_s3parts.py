@@ -4,8 +4,10 @@ and one failing part stops the rest and aborts the upload."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -13,7 +15,7 @@ from tests.faultproxy import FaultProxy, Record, Rule
 from tests.helpers import OpenFile
 from tests.test_store_s3 import make_config, uploads_in_progress
 from uploader.config import MiB
-from uploader.errors import ThrottledError
+from uploader.errors import ThrottledError, TransientFileError
 from uploader.stores.base import PutRequest
 from uploader.stores.s3 import S3Store
 
@@ -37,6 +39,11 @@ def most_at_once(records: list[Record]) -> int:
         now += step
         most = max(most, now)
     return most
+
+
+def completions(proxy: FaultProxy) -> list[Record]:
+    """The CompleteMultipartUpload requests the proxy saw (a POST naming an upload)."""
+    return [r for r in proxy.snapshot() if r.request.method == "POST" and "uploadId=" in r.request.query]
 
 
 async def test_parts_overlap_up_to_part_concurrency_and_the_bytes_arrive_whole(
@@ -86,3 +93,46 @@ def test_memory_needed_is_a_part_for_each_part_in_flight(moto_endpoint: str) -> 
     assert store.memory_needed(6 * MiB) == 2 * 5 * MiB  # two parts: never more than two in flight
     one = S3Store(make_config(moto_endpoint, "b", part_concurrency=1), concurrency=1)
     assert one.memory_needed(40 * MiB) == 5 * MiB
+
+
+async def test_a_completion_refused_as_invalid_part_is_checked_and_sent_again(
+    proxied: S3Store, proxy: FaultProxy, s3: Any, bucket: str, open_file: OpenFile
+) -> None:
+    # Every part was answered 200, then the completion meets a part the server has not
+    # recorded yet (Ceph RGW: "total parts mismatch"): not the file's fault.
+    data = os.urandom(21 * MiB)
+    proxy.add(Rule("invalidpart", methods=frozenset({"POST"}), query="uploadId=", count=1))
+    with open_file("big", data) as source:
+        await proxied.put(source, PutRequest("p/raced", "application/octet-stream"))
+    assert [r.status for r in completions(proxy)] == [400, 200]
+    assert sum(1 for r in proxy.snapshot() if r.request.is_part) == 5  # no part sent twice
+    assert s3.get_object(Bucket=bucket, Key="p/raced")["Body"].read() == data
+    assert uploads_in_progress(s3, bucket) == []
+
+
+async def test_a_part_the_server_does_not_list_is_sent_again_before_the_next_completion(
+    proxied: S3Store, proxy: FaultProxy, s3: Any, bucket: str, open_file: OpenFile
+) -> None:
+    data = os.urandom(21 * MiB)
+    proxy.add(Rule("invalidpart", methods=frozenset({"POST"}), query="uploadId=", count=1))
+    proxy.add(Rule("hidepart", methods=frozenset({"GET"}), query="uploadId=", count=1))
+    with open_file("big", data) as source:
+        await proxied.put(source, PutRequest("p/hidden", "application/octet-stream"))
+    sent = [r.request.query for r in proxy.snapshot() if r.request.is_part]
+    numbers = Counter(parse_qs(query)["partNumber"][0] for query in sent)
+    assert numbers == {"1": 2, "2": 1, "3": 1, "4": 1, "5": 1}  # the hidden one, and only it, again
+    assert s3.get_object(Bucket=bucket, Key="p/hidden")["Body"].read() == data
+    assert uploads_in_progress(s3, bucket) == []
+
+
+async def test_a_completion_refused_every_time_is_transient_and_aborted(
+    proxied: S3Store, proxy: FaultProxy, s3: Any, bucket: str, open_file: OpenFile
+) -> None:
+    proxy.add(Rule("invalidpart", methods=frozenset({"POST"}), query="uploadId="))
+    never = PutRequest("p/never", "application/octet-stream")
+    refused = pytest.raises(TransientFileError, match="InvalidPart")
+    with open_file("big", os.urandom(11 * MiB)) as source, refused:
+        await proxied.put(source, never)
+    assert len(completions(proxy)) == 4
+    assert uploads_in_progress(s3, bucket) == []
+    assert await proxied.stat("p/never") is None

@@ -6,7 +6,10 @@ that carries file bytes carries their MD5 (`Content-MD5`), so the service refuse
 changed on the way, and that refusal is retried. The SDK's own retries are off: `retry.py`
 decides, from what `azureerrors.classify_azure_error` translates here, at the boundary.
 Uncommitted blocks of a failed upload need no abort: Azure drops them on the blob's next
-commit, or after a week.
+commit, or after a week. A commit refused with InvalidBlockList after every block was
+acknowledged (a block not yet recorded, or dropped by another writer's commit) is not the
+file's fault: the blocks the service lacks are staged again and the commit sent again, with
+backoff, before the whole file is retried.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from azure.storage.blob import BlobBlock, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
 from uploader.azureconfig import AzureStoreConfig
-from uploader.errors import ConfigError, PermanentFileError
+from uploader.errors import ConfigError, PermanentFileError, TransientFileError
 from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.azureerrors import (
@@ -51,6 +54,9 @@ SHA256_NAME = SHA256_META.replace("-", "_")
 METADATA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_BLOCKS = 50_000
 _INLINE_HASH = 1024 * 1024  # bodies up to this are hashed on the loop, bigger ones in a thread
+# A refused commit is mended and sent again after 0.25, 0.5 and 1 s (as S3's completion).
+COMMIT_ATTEMPTS = 4
+COMMIT_PAUSE = 0.25
 
 
 def blob_name(prefix: str, key: str) -> str:
@@ -317,12 +323,38 @@ class AzureStore:
         settings = ContentSettings(
             content_type=request.content_type, content_md5=bytearray(whole.md5.digest())
         )
-        blocks = [BlobBlock(block_id=i) for i in ids]
-        await _within(
-            2 * self.config.timeout,
-            blob.commit_block_list(blocks, content_settings=settings, metadata=metadata),
+        for attempt in range(COMMIT_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(COMMIT_PAUSE * 2 ** (attempt - 1))
+                await self._restage_missing(blob, source, ids)
+            try:
+                blocks = [BlobBlock(block_id=i) for i in ids]
+                commit = blob.commit_block_list(blocks, content_settings=settings, metadata=metadata)
+                await _within(2 * self.config.timeout, commit)
+                return PutResult(bytes_sent=source.size)
+            except HttpResponseError as exc:
+                if reply_parts(exc)[0] != "InvalidBlockList":
+                    raise
+                log.warning("azure_commit_refused", blob=blob.blob_name, attempt=attempt + 1)
+        raise TransientFileError(
+            f"azure: InvalidBlockList on commit {COMMIT_ATTEMPTS} times, with every block acknowledged"
         )
-        return PutResult(bytes_sent=source.size)
+
+    async def _restage_missing(self, blob: BlobClient, source: SourceFile, ids: list[str]) -> None:
+        """Stage again every block of `ids` the service does not hold uncommitted."""
+        _, uncommitted = await _within(2 * self.config.timeout, blob.get_block_list("uncommitted"))
+        held = {block.id for block in uncommitted}
+        part = self._part_size(source.size)
+        missing = [(index, block_id) for index, block_id in enumerate(ids) if block_id not in held]
+        for index, block_id in missing:
+            log.info("azure_block_staged_again", blob=blob.blob_name, block=index)
+            offset = index * part
+            body = await source.read(offset, min(part, source.size - offset))
+            md5 = await asyncio.to_thread(_digests, body, False)
+            staged = blob.stage_block(block_id, body, len(body), transactional_content_md5=md5[0])
+            await _within(2 * self.config.timeout, staged)
+        if missing:
+            source.check_unchanged()  # a block read again must be the file that was read
 
     async def _stage_all(self, blob: BlobClient, source: SourceFile, whole: _Whole) -> list[str]:
         """Stage every block, `part_concurrency` at a time, read in order; their ids in order.

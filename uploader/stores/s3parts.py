@@ -4,6 +4,13 @@ The file holds one upload slot; its parts share the byte budget that `memory_nee
 (part_size for each part in flight), so no other accounting is needed: a part is read only
 when a worker is free to send it, and dropped once S3 has it. Every part carries its
 Content-MD5, so S3 verifies each one; an upload that does not complete is always aborted.
+
+A completion refused with InvalidPart or InvalidPartOrder after every part was acknowledged
+is the server's race, not the file's fault: a server may answer a part before its record of
+it is committed (Ceph RGW does, under load), and a completion sent right after then meets a
+part it does not know yet. `complete` lists the parts the server holds, sends again any that
+is missing or other than acknowledged, and completes again with backoff; only past that is
+the upload given up, as a transient error the whole file is retried for.
 """
 
 from __future__ import annotations
@@ -12,19 +19,30 @@ import asyncio
 import contextlib
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import botocore.exceptions
+import structlog
 
+from uploader.errors import TransientFileError
 from uploader.files import SourceFile
+from uploader.stores.s3errors import client_error_parts
 from uploader.stores.s3objects import content_md5
+
+log = structlog.get_logger("uploader.s3")
 
 MAX_PARTS = 10_000
 # An abort that does not take is sent again, after 0.25, 0.5 and 1 s: a bucket left with the
 # parts of an upload nobody completes is billed for them until a lifecycle rule clears it.
 ABORT_ATTEMPTS = 4
 ABORT_PAUSE = 0.25
+# A completion that meets a part the server has not recorded yet is sent again, after the
+# parts are checked, 0.25, 0.5 and 1 s later: the race closes in milliseconds.
+RACED_COMPLETION_CODES = frozenset({"InvalidPart", "InvalidPartOrder"})
+COMPLETE_ATTEMPTS = 4
+COMPLETE_PAUSE = 0.25
+LIST_PAGE = 1000
 
 
 def part_size_for(size: int, part_size: int) -> int:
@@ -40,9 +58,17 @@ class Multipart:
     """One multipart upload already created (`upload_id`): its parts, then complete or abort."""
 
     def __init__(
-        self, client: Any, bucket: str, name: str, upload_id: str, source: SourceFile, part_size: int
+        self,
+        client: Any,
+        bucket: str,
+        name: str,
+        upload_id: str,
+        source: SourceFile,
+        part_size: int,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.client = client
+        self._sleep = sleep
         self.bucket = bucket
         self.name = name
         self.upload_id = upload_id
@@ -95,10 +121,64 @@ class Multipart:
             raise failed.exceptions[0] from None
 
     async def complete(self) -> None:
+        """Complete the upload; a refusal the server's own race explains is mended and sent
+        again (see the module's docstring), any other error raised as it came."""
+        for attempt in range(COMPLETE_ATTEMPTS):
+            if attempt:
+                await self._sleep(COMPLETE_PAUSE * 2 ** (attempt - 1))
+                await self._mend()
+            try:
+                await self._complete_once()
+                return
+            except botocore.exceptions.ClientError as exc:
+                code, status, _ = client_error_parts(exc)
+                if code not in RACED_COMPLETION_CODES:
+                    raise
+                log.warning("s3_completion_refused", key=self.name, code=code, attempt=attempt + 1)
+        raise TransientFileError(
+            f"s3: {code} ({status}) on completion {COMPLETE_ATTEMPTS} times, with every part acknowledged"
+        )
+
+    async def _complete_once(self) -> None:
         parts = [{"ETag": self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
         await self.client.complete_multipart_upload(
             Bucket=self.bucket, Key=self.name, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
         )
+
+    async def _mend(self) -> None:
+        """Send again every part the server does not hold as it acknowledged it."""
+        held = await self.held_parts()
+        missing = [
+            (number, offset)
+            for number, offset in self._numbered()
+            if _unquoted(held.get(number)) != _unquoted(self._etags.get(number))
+        ]
+        for number, offset in missing:
+            log.info("s3_part_sent_again", key=self.name, part=number)
+            await self._send(number, offset)
+        if missing:
+            self.source.check_unchanged()  # a part read again must be the file that was read
+
+    async def held_parts(self) -> dict[int, str]:
+        """The parts the server holds for this upload, by number: their ETags (ListParts, paged)."""
+        held: dict[int, str] = {}
+        marker = 0
+        while True:
+            page = await self.client.list_parts(
+                Bucket=self.bucket,
+                Key=self.name,
+                UploadId=self.upload_id,
+                MaxParts=LIST_PAGE,
+                PartNumberMarker=marker,
+            )
+            held.update({int(p["PartNumber"]): str(p["ETag"]) for p in page.get("Parts", [])})
+            if not page.get("IsTruncated"):
+                return held
+            marker = int(page["NextPartNumberMarker"])
+
+
+def _unquoted(etag: str | None) -> str | None:
+    return etag.strip('"') if etag is not None else None
 
 
 async def abort(
