@@ -224,6 +224,43 @@ async def put_ids(address: str, tube: str, ids: Iterable[str]) -> None:
 # --- the daemon as a subprocess ---------------------------------------------------------------
 
 
+# The daemon's config; every value is a TOML literal (JSON's quoting is TOML's for these).
+CONFIG_TOML = """
+[source]
+address = {beanstalkd}
+tubes = [{tube}]
+completion_tube = {done_tube}
+max_active_jobs = {max_active_jobs}
+
+[redis]
+url = {redis_url}
+key_prefix = {prefix}
+
+[upload]
+concurrency = {concurrency}
+allowed_roots = [{roots}]
+
+[store]
+kind = {store}
+local = {{ root = {local_root}, fsync = {fsync} }}
+
+[store.s3]
+bucket = {bucket}
+endpoint_url = {s3_endpoint}
+region = {region}
+access_key_id = {access_key_id}
+secret_access_key = {secret_access_key}
+addressing_style = "path"
+
+
+[http]
+listen = ""
+
+[daemon]
+log_format = "json"
+"""
+
+
 def config_toml(
     *,
     beanstalkd: str,
@@ -243,40 +280,24 @@ def config_toml(
     """The daemon's config. fsync is off by default: the bench's stores are on tmpfs, where it
     has nothing to make durable, so it is off as an operator would set it there."""
     q = json.dumps
-    return f"""
-[source]
-address = {q(beanstalkd)}
-tubes = [{q(tube)}]
-completion_tube = {q(done_tube)}
-max_active_jobs = {max_active_jobs}
-
-[redis]
-url = {q(redis_url)}
-key_prefix = {q(prefix)}
-
-[upload]
-concurrency = {concurrency}
-allowed_roots = [{", ".join(q(r) for r in roots)}]
-
-[store]
-kind = {q(store)}
-local = {{ root = {q(local_root)}, fsync = {q(fsync)} }}
-
-[store.s3]
-bucket = {q(bucket)}
-endpoint_url = {q(s3_endpoint)}
-region = {q(REGION)}
-access_key_id = {q(ACCESS_KEY)}
-secret_access_key = {q(SECRET_KEY)}
-addressing_style = "path"
-
-
-[http]
-listen = ""
-
-[daemon]
-log_format = "json"
-"""
+    return CONFIG_TOML.format(
+        beanstalkd=q(beanstalkd),
+        tube=q(tube),
+        done_tube=q(done_tube),
+        max_active_jobs=max_active_jobs,
+        redis_url=q(redis_url),
+        prefix=q(prefix),
+        concurrency=concurrency,
+        roots=", ".join(q(r) for r in roots),
+        store=q(store),
+        local_root=q(local_root),
+        fsync=q(fsync),
+        bucket=q(bucket),
+        s3_endpoint=q(s3_endpoint),
+        region=q(REGION),
+        access_key_id=q(ACCESS_KEY),
+        secret_access_key=q(SECRET_KEY),
+    )
 
 
 def log_stamp(log_path: str, event: str = "ready") -> float | None:

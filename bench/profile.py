@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from bench.run import Bench
+from bench.harness import Bench
 
 
 def summarise(path: str, top: int = 25) -> str:
@@ -56,6 +56,30 @@ def _short(frame: str) -> str:
     return f"{short.split('site-packages/')[-1]}:{name}"
 
 
+def record(pid: int, raw: str) -> subprocess.Popen[bytes]:
+    """`py-spy record` of process `pid` into `raw` (collapsed stacks), 200 Hz, once attached."""
+    spy = subprocess.Popen(
+        [
+            shutil.which("py-spy") or "py-spy",
+            "record",
+            "-p",
+            str(pid),
+            "-o",
+            raw,
+            "-f",
+            "raw",
+            "-r",
+            "200",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # py-spy gives no readiness signal; a head start lets it attach before the work begins
+    # (a profile that misses the first second is still a profile, nothing is waited upon).
+    time.sleep(1.0)
+    return spy
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("kind", choices=["s3", "null", "local", "jobs"])
@@ -81,25 +105,7 @@ def main() -> None:
         )
         d.start()
         # Attached once the daemon is ready, so imports and startup stay out of the profile.
-        spy = subprocess.Popen(
-            [
-                shutil.which("py-spy") or "py-spy",
-                "record",
-                "-p",
-                str(d.pid),
-                "-o",
-                raw,
-                "-f",
-                "raw",
-                "-r",
-                "200",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # py-spy gives no readiness signal; a head start lets it attach before the work begins
-        # (a profile that misses the first second is still a profile, nothing is waited upon).
-        time.sleep(1.0)
+        spy = record(d.pid, raw)
         t = bench.drive([d], names, bench.jobs("prof", paths, max(1, args.files // per_job), per_job))
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)

@@ -316,3 +316,16 @@ def redis_delta(before: Info, after: Info) -> dict[str, Any]:
         "net_out": net_out - before.reply_bytes if net_out is not None else None,
         "redis_version": after.fields.get("redis_version", "?"),
     }
+
+
+def proxy_delta(before: ProxyStats, after: ProxyStats) -> dict[str, Any]:
+    """What the proxy counted between two snapshots."""
+    sent = after.commands - before.commands
+    return {
+        "round_trips": after.turns - before.turns,
+        "connections": after.connections - before.connections,
+        "sent": sum(sent.values()),  # 0 without hiredis
+        "sent_calls": dict(sent.most_common()),
+        "bytes_up": after.bytes_up - before.bytes_up,
+        "bytes_down": after.bytes_down - before.bytes_down,
+    }

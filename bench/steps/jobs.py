@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from bench.beanstalkcost import BeanstalkStats, beanstalk_delta
 from bench.common import (
     REPO,
     TMPFS,
@@ -48,13 +48,13 @@ from bench.common import (
     push_lists,
     put_ids,
 )
-from bench.rediscost import CountingProxy, InfoReader, ProxyStats, redis_delta
+from bench.rediscost import CountingProxy, InfoReader, proxy_delta, redis_delta
 from uploader import devservers
 from uploader.beanstalk import Connection
 from uploader.devservers import Server
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 ARQ_PEER = REPO / "bench" / "arqpeer.py"
 DISK = REPO / "bench" / "out"  # on the repository's disk, not tmpfs: fsync has to cost there
@@ -81,57 +81,7 @@ class Workload:
         return self.jobs * self.files_per_job
 
 
-# --- beanstalkd's counters ------------------------------------------------------------------
-
-
-class BeanstalkStats:
-    """`stats` over one socket of its own, opened before the first snapshot (so its connection
-    is not in the delta; its `stats` commands are taken off by `beanstalk_delta`)."""
-
-    def __init__(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.buf = b""
-
-    def snapshot(self) -> dict[str, int]:
-        self.sock.sendall(b"stats\r\n")
-        while b"\r\n" not in self.buf:
-            self._fill()
-        head, _, self.buf = self.buf.partition(b"\r\n")
-        if not head.startswith(b"OK "):
-            raise RuntimeError(f"unexpected stats reply: {head[:200]!r}")
-        size = int(head[3:])
-        while len(self.buf) < size + 2:
-            self._fill()
-        body, self.buf = self.buf[:size].decode(), self.buf[size + 2 :]
-        out = {}
-        for line in body.splitlines():
-            key, _, value = line.partition(": ")
-            if key.startswith("cmd-") or key == "total-connections":
-                out[key] = int(value)
-        return out
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            raise ConnectionError("beanstalkd closed the stats connection")
-        self.buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def beanstalk_delta(before: dict[str, int], after: dict[str, int], own: Counter[str]) -> dict[str, Any]:
-    """Commands by name and connections opened, less the bench's: `own` and the after-`stats`
-    (beanstalkd counts a command before it answers, so each snapshot counts itself)."""
-    calls = Counter({k[4:]: after[k] - before.get(k, 0) for k in after if k.startswith("cmd-")})
-    calls.subtract(own + Counter({"stats": 1}))
-    calls = Counter({k: v for k, v in calls.items() if v > 0})
-    return {
-        "calls": dict(calls.most_common()),
-        "commands": sum(calls.values()),
-        "connections": after["total-connections"] - before["total-connections"],
-    }
+# --- the completion messages ----------------------------------------------------------------
 
 
 class Completions:
@@ -198,18 +148,6 @@ class Meter:
         self.beanstalk.close()
 
 
-def proxy_delta(before: ProxyStats, after: ProxyStats) -> dict[str, Any]:
-    sent = after.commands - before.commands
-    return {
-        "round_trips": after.turns - before.turns,
-        "connections": after.connections - before.connections,
-        "sent": sum(sent.values()),  # 0 without hiredis
-        "sent_calls": dict(sent.most_common()),
-        "bytes_up": after.bytes_up - before.bytes_up,
-        "bytes_down": after.bytes_down - before.bytes_down,
-    }
-
-
 def per_job(counts: dict[str, Any], jobs: int, files: int, seconds: float, cpu_s: float) -> dict[str, Any]:
     """The figures of one run, per job (and per second, per file where it says so)."""
     redis, proxy, beanstalk = counts["redis"], counts["proxy"], counts["beanstalk"]
@@ -240,6 +178,10 @@ def per_job_calls(calls: dict[str, int], jobs: int, n: int = 8) -> str:
 
 
 # --- the step -------------------------------------------------------------------------------
+
+
+def bench_jobs(bench: Bench) -> None:
+    JobsBench(bench).run()
 
 
 class JobsBench:

@@ -4,7 +4,7 @@ its `delay` fault) to moto's S3 server, then to Azurite, at part_concurrency 1 a
     python -m bench.run --only parts [--parts-mib 1024] [--runs 3]
 
 moto and Azurite run as their own processes, the proxy in the bench's; the upload in a child
-process of its own (`python -m bench.parts upload KIND ...`: one store, one put), so its wall
+process of its own (`python -m bench.steps.parts upload KIND ...`: one store, one put), so its wall
 time and peak RSS (VmHWM) are the store's alone, on the daemon's event loop (uvloop). Part
 sizes and thresholds are each store's defaults (S3: 16 MiB parts; Azure: 8 MiB blocks).
 """
@@ -29,13 +29,17 @@ from uploader import devservers
 from uploader.devservers import free_port, wait_for_port
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 MiB = 1 << 20
 DELAY = 0.020
 BUCKET = "parts"
 CONCURRENCIES = (1, 4)
 PART_MIB = {"s3": 16, "azure": 8}  # each store's default part (block) size
+
+
+def bench_parts(bench: Bench) -> None:
+    PartsBench(bench).run()
 
 
 class PartsBench:
@@ -111,7 +115,7 @@ class PartsBench:
             for c in CONCURRENCIES:
                 key = f"big-{c}-{r}"
                 out = subprocess.run(
-                    [sys.executable, "-m", "bench.parts", "upload", kind, endpoint, path, key, str(c)],
+                    [sys.executable, "-m", "bench.steps.parts", "upload", kind, endpoint, path, key, str(c)],
                     capture_output=True, text=True, check=True, cwd=REPO,
                 )
                 m = json.loads(out.stdout.strip().splitlines()[-1])
