@@ -166,7 +166,7 @@ def _sentinel_master(config: RedisConfig, common: dict[str, Any]) -> aioredis.Re
     # Asking a sentinel is never left unbounded: a hung one gives way to the next.
     sentinel_kwargs = {"socket_connect_timeout": common["socket_connect_timeout"],
                        "socket_timeout": common["socket_timeout"] or common["socket_connect_timeout"]}
-    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common, **kwargs)  # type: ignore[no-untyped-call]
+    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **common, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
     return cast(aioredis.Redis, manager.master_for(config.service, redis_class=_SentinelMaster))
 
 
