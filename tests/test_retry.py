@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from uploader.clock import backoff_delays
 from uploader.config import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
-from uploader.retry import RetryPolicy, backoff_delays, classify
+from uploader.retry import RetryPolicy, classify
 
 
 def take(n: int, base: float, cap: float, rand: float) -> list[float]:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from uploader.clock import backoff_delays
 from uploader.errors import InfrastructureError, UploaderError
 
 
@@ -341,8 +342,6 @@ async def connect_with_backoff(
     on_retry: Callable[[ConnectionLost, float], None] | None = None,
 ) -> Connection:
     """Connect, waiting with capped exponential backoff while beanstalkd is unreachable."""
-    from uploader.retry import backoff_delays
-
     delays = backoff_delays(base, cap)
     while True:
         try:
@@ -406,8 +405,6 @@ class Producer:
                     except (ConnectionLost, TimeoutError):
                         await self._forget(address)
                 if delays is None:
-                    from uploader.retry import backoff_delays
-
                     delays = backoff_delays(0.1, 5.0)
                 await asyncio.sleep(next(delays))
 

@@ -23,8 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
+from uploader.clock import backoff_delays
 from uploader.config import RedisConfig, mask_url
-from uploader.retry import backoff_delays
 
 T = TypeVar("T")
 log = structlog.get_logger("uploader.redis")

@@ -1,4 +1,5 @@
-"""Backoff with full jitter, and the one place that decides whether a failure is worth a retry."""
+"""Retries with full-jitter backoff (clock.backoff_delays), and the one place that decides whether
+a failure is worth a retry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from uploader.clock import Sleep
+from uploader.clock import Sleep, backoff_delays
 from uploader.config import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
 
@@ -17,17 +18,6 @@ T = TypeVar("T")
 # Throttled attempts allowed per counted attempt: max_attempts=5 rides out 100 throttled
 # answers, with the default cap of 30 s roughly 25 minutes of a store saying "slow down".
 THROTTLED_PER_ATTEMPT = 20
-
-
-def backoff_delays(base: float, cap: float, rand: Callable[[], float] = random.random) -> Iterator[float]:
-    """Full jitter: attempt n waits uniform(0, min(cap, base * 2**n)).
-
-    base=0.2, cap=30: ceilings 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30, 30, ...
-    """
-    ceiling = base
-    while True:
-        yield rand() * min(cap, ceiling)
-        ceiling = min(cap, ceiling * 2)
 
 
 def classify(exc: BaseException) -> FileError:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from uploader.aimd import Aimd
-from uploader.clock import SYSTEM, Time
+from uploader.clock import SYSTEM, Time, backoff_delays
 from uploader.config import Config, UploadConfig
 from uploader.errors import StoreUnavailableError
 from uploader.feed import Feeder
@@ -29,7 +29,7 @@ from uploader.metrics import Metrics
 from uploader.progress import Progress
 from uploader.ratelimit import RateLimiter
 from uploader.redisio import Keys
-from uploader.retry import RetryPolicy, backoff_delays
+from uploader.retry import RetryPolicy
 from uploader.ring import Empty
 from uploader.source import HeldJob, Source
 from uploader.stores.base import Store

@@ -42,9 +42,8 @@ from uploader.beanstalk import (
     ConnectionLost,
     NotFound,
 )
-from uploader.clock import SYSTEM, Time
+from uploader.clock import SYSTEM, Time, backoff_delays
 from uploader.config import SourceConfig
-from uploader.retry import backoff_delays
 from uploader.servers import Servers, closed_at_once, no_answer
 
 log = structlog.get_logger("uploader.source")
