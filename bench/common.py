@@ -23,8 +23,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from uploader.beanstalk import Connection
 from uploader.devservers import Server, await_completions, free_port, wait_for_port
+from uploader.source.beanstalkd.wire import Connection
 
 REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "benchaccesskey"

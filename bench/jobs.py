@@ -50,8 +50,8 @@ from bench.common import (
 )
 from bench.rediscost import CountingProxy, InfoReader, ProxyStats, redis_delta
 from uploader import devservers
-from uploader.beanstalk import Connection
 from uploader.devservers import Server
+from uploader.source.beanstalkd.wire import Connection
 
 if TYPE_CHECKING:
     from bench.run import Bench

@@ -29,13 +29,13 @@ import redis.asyncio as aioredis
 from uploader import config as config_mod
 from uploader import devservers
 from uploader import files as files_mod
-from uploader.beanstalk import Connection
 from uploader.config import Config, LocalStoreConfig
 from uploader.daemon import Daemon
 from uploader.devservers import Server
 from uploader.errors import PermanentFileError, TransientFileError
 from uploader.files import SourceFile
 from uploader.redisio import Keys, text_map
+from uploader.source.beanstalkd.wire import Connection
 from uploader.stores.base import PutRequest, PutResult, Store, StoredObject
 from uploader.stores.local import LocalStore
 

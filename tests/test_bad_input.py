@@ -28,11 +28,11 @@ import structlog
 from tests.helpers import Env, deep_merge, hook_open, toml_text, wait_until, write_config
 from uploader import cli, statuspage
 from uploader import config as config_mod
-from uploader.beanstalk import JobTooBig
 from uploader.config import HttpConfig
 from uploader.daemon import Daemon
 from uploader.devservers import free_port
 from uploader.errors import ConfigError
+from uploader.source.beanstalkd.wire import JobTooBig
 
 # --- what a case expects -------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.helpers import wait_until
 from uploader import devservers
-from uploader.beanstalk import (
+from uploader.devservers import Server
+from uploader.source.beanstalkd.wire import (
     BadFormat,
     Connection,
     ConnectionLost,
@@ -22,7 +23,6 @@ from uploader.beanstalk import (
     UnknownCommand,
     connect_with_backoff,
 )
-from uploader.devservers import Server
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ from tests.helpers import (
     write_config,
 )
 from uploader import devservers
-from uploader.beanstalk import Connection, NotFound
 from uploader.devservers import free_port
+from uploader.source.beanstalkd.wire import Connection, NotFound
 
 MiB = 1024 * 1024
 # Distinctive secrets: none of them may ever show up in a log line.

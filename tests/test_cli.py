@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Env, run_cli, wait_until, write_config
-from uploader import cli, devservers, jobctl, placement
+from uploader import cli, devservers, jobctl
 from uploader import config as config_mod
+from uploader.source.beanstalkd import placement
 
 
 def cli_config(env: Env, beanstalkd: str | None = None, redis_url: str | None = None) -> Path:

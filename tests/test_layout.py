@@ -46,14 +46,14 @@ def beanstalk_names(path: Path) -> set[str]:
     return {
         alias.name
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module == "uploader.beanstalk"
+        if isinstance(node, ast.ImportFrom) and node.module == "uploader.source.beanstalkd.wire"
         for alias in node.names
     }
 
 
 @pytest.mark.parametrize("name", ["scheduler", "jobs", "feed", "transfer", "tally"])
 def test_past_the_source_nothing_speaks_beanstalkd(name: str) -> None:
-    assert "uploader.beanstalk" not in imported(PACKAGE / f"{name}.py")
+    assert "uploader.source.beanstalkd.wire" not in imported(PACKAGE / f"{name}.py")
 
 
 def test_the_daemon_takes_only_the_completion_producer_from_the_client() -> None:

@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 from uploader import devservers
 from uploader.devservers import Server
-from uploader.source import connections_needed
+from uploader.source.beanstalkd.source import connections_needed
 
 FILES_PER_JOB = 60
 
@@ -107,7 +107,7 @@ async def _state_is(env: Env, job_id: str, state: str) -> bool:
 async def test_completion_producer_prefers_the_named_server_and_moves_past_a_dead_one(
     beanstalkd_server: Server,
 ) -> None:
-    from uploader.beanstalk import Connection, Producer
+    from uploader.source.beanstalkd.wire import Connection, Producer
 
     dead = devservers.beanstalkd()  # configured, never started: nothing listens there
     other = devservers.beanstalkd().start()

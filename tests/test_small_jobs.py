@@ -12,12 +12,13 @@ import redis.exceptions
 import structlog
 
 from tests.helpers import Env, HeldStore, local_store, wait_until
-from uploader.beanstalk import Connection
 from uploader.config import RedisConfig
 from uploader.devservers import Server
 from uploader.jobs import QUICK_JOB
-from uploader.progress import Delivery, Progress
+from uploader.progress import Progress
 from uploader.redisio import Keys
+from uploader.source.base import Delivery
+from uploader.source.beanstalkd.wire import Connection
 
 pytestmark = pytest.mark.timeout(60)
 

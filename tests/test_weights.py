@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import Env
 from uploader.config import LocalStoreConfig, SourceConfig, Tube
 from uploader.files import SourceFile
-from uploader.source import Source, TubeOrder
+from uploader.source.beanstalkd.source import Source, TubeOrder
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.local import LocalStore
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from uploader.beanstalk import Connection, NotFound
-from uploader.clicommon import connect, within
 from uploader.redisio import Keys, text_map
+from uploader.source.beanstalkd.servers import connect, within
+from uploader.source.beanstalkd.wire import Connection, NotFound
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

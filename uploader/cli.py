@@ -18,7 +18,6 @@ import redis.exceptions
 
 from uploader import config as config_mod
 from uploader import jobctl
-from uploader.beanstalk import DEFAULT_PRIORITY, BeanstalkError, ConnectionLost
 from uploader.clicommon import (
     BUG,
     DEFAULT_CONFIG,
@@ -32,6 +31,7 @@ from uploader.clicommon import (
     run_async,
 )
 from uploader.errors import ConfigError
+from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, ConnectionLost
 
 MAX_UINT32 = 2**32 - 1
 

@@ -1,31 +1,29 @@
 """What every `uploader` command shares: the exit statuses, the one-line error, the config it
-reads, the event loop it runs on, and the servers it reaches under a deadline."""
+reads, the event loop it runs on, and Redis reached under a deadline (beanstalkd's deadlines:
+source/beanstalkd/servers.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
 from uploader import config as config_mod
 from uploader import redisio
-from uploader.beanstalk import Connection, ConnectionLost
 from uploader.config import Config
 from uploader.redisio import Keys
+from uploader.source.beanstalkd.servers import CONNECT_TIMEOUT, REPLY_TIMEOUT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-T = TypeVar("T")
 DEFAULT_CONFIG = os.environ.get("UPLOADER_CONFIG", "/etc/uploader/uploader.toml")
 OK, NO, USAGE, UNREACHABLE = 0, 1, 2, 3
 BUG = 70  # an error nobody foresaw: still one line, but a bug to report
-CONNECT_TIMEOUT = 3.0  # seconds to reach Redis or beanstalkd before saying it is unreachable
-REPLY_TIMEOUT = 10.0  # seconds a connected server may take to answer one command
 
 
 class CliError(Exception):
@@ -80,17 +78,3 @@ async def redis_keys(config: Config) -> AsyncIterator[tuple[Redis, Keys]]:
         raise CliError(f"{redisio.describe(config.redis)} unreachable: {reason(exc)}", UNREACHABLE) from None
     finally:
         await client.aclose()
-
-
-async def connect(address: str) -> Connection:
-    return await Connection.connect(address, timeout=CONNECT_TIMEOUT)
-
-
-async def within(conn: Connection, call: Awaitable[T]) -> T:
-    """A beanstalkd reply within REPLY_TIMEOUT: a server that connects but never answers is down."""
-    try:
-        async with asyncio.timeout(REPLY_TIMEOUT):
-            return await call
-    except TimeoutError:
-        await conn.close()
-        raise ConnectionLost(f"beanstalkd at {conn.address} did not answer in {REPLY_TIMEOUT:g} s") from None

@@ -22,7 +22,6 @@ import structlog
 
 from uploader import config as config_mod
 from uploader import logs, redisio, sdnotify, web
-from uploader.beanstalk import Producer
 from uploader.clock import SYSTEM, Time
 from uploader.config import Config
 from uploader.errors import ConfigError
@@ -32,8 +31,9 @@ from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
 from uploader.progress import Progress
 from uploader.scheduler import Scheduler
-from uploader.servers import Servers
-from uploader.source import Monitor, Source, connections_needed
+from uploader.source.beanstalkd.servers import ServerVerdicts
+from uploader.source.beanstalkd.source import Monitor, Source, connections_needed
+from uploader.source.beanstalkd.wire import Producer
 from uploader.stores import Store, open_store
 from uploader.tally import Summary
 
@@ -68,7 +68,7 @@ class Daemon:
         # Nothing is reserved before Redis and the store are proven to answer.
         self.health = Health("redis", "store", on_change=self._health_changed)
         addresses = config.source.addresses
-        self.servers = Servers(addresses, on_change=self._source_changed)
+        self.servers = ServerVerdicts(addresses, on_change=self._source_changed)
         for address in addresses:
             self.metrics.source_up.labels(address).set(0)
         self.source = Source(config.source, time, self.servers)

@@ -163,7 +163,7 @@ def azurite(port: int | None = None) -> Server:
 
 async def await_completions(address: str, tube: str, count: int, timeout: float) -> list[dict[str, Any]]:
     """Reserve and delete `count` completion messages from `tube`; TimeoutError after `timeout`."""
-    from uploader.beanstalk import Connection
+    from uploader.source.beanstalkd.wire import Connection
 
     conn = await Connection.connect(address)
     messages: list[dict[str, Any]] = []

@@ -18,23 +18,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from uploader import actions, placement
-from uploader.beanstalk import BeanstalkError, Connection, ConnectionLost, NotFound
-from uploader.clicommon import (
-    NO,
-    OK,
-    UNREACHABLE,
-    USAGE,
-    CliError,
-    connect,
-    load_config,
-    redis_keys,
-    run_async,
-    within,
-)
+from uploader import actions
+from uploader.clicommon import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
 from uploader.config import TUBE_NAME, Config
 from uploader.manifest import JOB_ID, BadEntry, parse_entry
 from uploader.redisio import Keys, text, text_map
+from uploader.source.beanstalkd import placement
+from uploader.source.beanstalkd.servers import connect, within
+from uploader.source.beanstalkd.wire import BeanstalkError, Connection, ConnectionLost, NotFound
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -26,10 +26,11 @@ from uploader.errors import BadJobError
 from uploader.health import Health
 from uploader.heartbeat import hand_back
 from uploader.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
-from uploader.progress import Counts, Delivery, Progress, State
+from uploader.progress import Counts, Progress, State
 from uploader.redisio import Keys
 from uploader.ring import Ring
-from uploader.source import HeldJob, ReservationLost, Source
+from uploader.source.base import Delivery, ReservationLost
+from uploader.source.beanstalkd.source import HeldJob, Source
 from uploader.tally import Tally
 
 log = structlog.get_logger("uploader.jobs")

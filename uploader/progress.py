@@ -34,7 +34,7 @@ from uploader.finalwrite import State as State
 from uploader.ledger import Batch, Ledger
 from uploader.progresslua import APPLY_SCRIPT, scripted
 from uploader.redisio import Keys, text, until_done
-from uploader.starts import Delivery as Delivery
+from uploader.source.base import Delivery
 from uploader.starts import Start, Starts
 
 log = structlog.get_logger("uploader.progress")

@@ -12,7 +12,7 @@ A job is stranded when
 - no live beanstalkd holds it in any state: every server that answers, configured or named
   in a hash, is looked at job by job (pipelined `peek`, newest first, until every job it holds
   was seen or SCAN_LIMIT IDs were read), and bodies that carry the job ID count as held.
-A stranded job's ID is put again by the enqueue rule (placement.py) into its tube, and its
+A stranded job's ID is put again by the enqueue rule (source/beanstalkd/placement.py) into its tube, and its
 hash says `queued` with a note and the new delivery, so running recover twice puts nothing
 twice. The re-delivered run resumes from the job's marks: no file uploaded twice.
 """
@@ -26,14 +26,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from uploader import placement
-from uploader.beanstalk import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost
-from uploader.clicommon import OK, UNREACHABLE, CliError, connect, load_config, redis_keys, run_async, within
+from uploader.clicommon import OK, UNREACHABLE, CliError, load_config, redis_keys, run_async
 from uploader.config import Config
 from uploader.errors import BadJobError
 from uploader.heartbeat import live_workers
 from uploader.manifest import JOB_ID, parse_body
 from uploader.redisio import Keys, text, text_map
+from uploader.source.beanstalkd import placement
+from uploader.source.beanstalkd.servers import connect, within
+from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

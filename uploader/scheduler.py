@@ -31,7 +31,7 @@ from uploader.ratelimit import RateLimiter
 from uploader.redisio import Keys
 from uploader.retry import RetryPolicy
 from uploader.ring import Empty
-from uploader.source import HeldJob, Source
+from uploader.source.beanstalkd.source import HeldJob, Source
 from uploader.stores.base import Store
 from uploader.tally import Result, Summary, Tally
 from uploader.transfer import Transfer

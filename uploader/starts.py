@@ -19,6 +19,7 @@ from redis.typing import EncodableT
 from uploader.errors import BadJobError
 from uploader.progresslua import START_SCRIPT, scripted
 from uploader.redisio import Keys, is_cluster, text, until_done
+from uploader.source.base import Delivery
 
 log = structlog.get_logger("uploader.progress")
 
@@ -30,16 +31,6 @@ OVERLAP_WINDOW = 30
 NOT_LAZY: list[EncodableT] = ["", "", "", "", "", ""]  # APPLY's and CLOSE's start arguments
 
 Start = Literal["fresh", "resume", "cancelled"]
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Which beanstalkd job carries a run: a job ID's runs are told apart by it."""
-
-    address: str
-    job: int
-    put_at: float
-    tube: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,11 @@ import structlog
 from aiohttp import web
 
 from uploader import actions
-from uploader.beanstalk import BeanstalkError
 from uploader.clock import SYSTEM, Time
 from uploader.fleet import Fleet, Listing
 from uploader.manifest import JOB_ID
 from uploader.redisio import OUTAGE_ERRORS, Keys
+from uploader.source.beanstalkd.wire import BeanstalkError
 
 log = structlog.get_logger("uploader.statuspage")
 

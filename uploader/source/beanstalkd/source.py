@@ -31,36 +31,28 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import structlog
 
-from uploader.beanstalk import (
+from uploader.clock import SYSTEM, Time, backoff_delays
+from uploader.config import SourceConfig
+from uploader.source.base import ReservationLost, Settle
+from uploader.source.beanstalkd.servers import ServerVerdicts, closed_at_once, no_answer
+from uploader.source.beanstalkd.wire import (
     DEFAULT_PRIORITY,
     BeanstalkError,
     Connection,
     ConnectionLost,
     NotFound,
 )
-from uploader.clock import SYSTEM, Time, backoff_delays
-from uploader.config import SourceConfig
-from uploader.servers import Servers, closed_at_once, no_answer
 
-log = structlog.get_logger("uploader.source")
+log = structlog.get_logger("uploader.source.beanstalkd.source")
 
 RESERVE_TIMEOUT = 2  # seconds; also how often a quiet connection proves it is alive
 RESERVE_BACKOFF = 1.0  # seconds after an error reply, so a sick server is not hammered
 CONNECT_TIMEOUT = 3.0  # seconds to connect, and again for the first reply (the handshake)
 REPLY_GRACE = 5.0  # seconds a reserve may overrun its own timeout before the server counts as hung
 RETRY_FIRST, RETRY_CAP = 0.1, 2.0  # seconds between attempts on a server that is down
-
-Settle = Literal["delete", "bury", "release"]
-
-
-class ReservationLost(Exception):
-    """The job is no longer ours: its connection closed, or beanstalkd gave it to another
-    worker after its TTR ran out. beanstalkd has it; nothing here may settle it."""
-
 
 @dataclass(eq=False, slots=True)
 class HeldJob:
@@ -122,7 +114,9 @@ def connections_needed(config: SourceConfig) -> int:
 
 
 class Source:
-    def __init__(self, config: SourceConfig, time: Time = SYSTEM, servers: Servers | None = None) -> None:
+    def __init__(
+        self, config: SourceConfig, time: Time = SYSTEM, servers: ServerVerdicts | None = None
+    ) -> None:
         self.config = config
         self._time = time
         self._weights = {t.name: t.weight for t in config.tubes}
@@ -132,7 +126,7 @@ class Source:
         self._pool: dict[Connection, tuple[str, str]] = {}
         self._opened: dict[str, int] = {}  # our connections per server, held, idle or reserving
         self._order = {a: TubeOrder(self._weights) for a in config.addresses}
-        self.servers = servers or Servers(config.addresses)
+        self.servers = servers or ServerVerdicts(config.addresses)
 
     @property
     def connected(self) -> dict[str, bool]:
@@ -381,12 +375,12 @@ class Monitor:
         addresses: tuple[str, ...],
         tubes: tuple[str, ...],
         timeout: float,
-        servers: Servers | None = None,
+        servers: ServerVerdicts | None = None,
     ) -> None:
         self.addresses = addresses
         self.tubes = tubes
         self.timeout = timeout
-        self.servers = servers or Servers(addresses)
+        self.servers = servers or ServerVerdicts(addresses)
         self._conns: dict[str, Connection] = {}
         # Per server: the probe and the stats poll may both ask first; a dead one delays no other.
         self._connecting = {a: asyncio.Lock() for a in addresses}

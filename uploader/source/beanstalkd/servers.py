@@ -1,4 +1,5 @@
-"""Which beanstalkd servers this daemon can use right now: one verdict per server.
+"""Which beanstalkd servers this daemon can use right now: one verdict per server; and a
+server reached under a deadline, for the commands (`connect`, `within`).
 
 Two sides report: the Source (its reserving connections: connecting, the handshake, a lost
 connection) and the Monitor (a `stats` probe on a side connection, every second). A server is
@@ -9,12 +10,20 @@ in `/readyz` and in STATUS=. A dead server is only waited for: the others are se
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import structlog
 
-log = structlog.get_logger("uploader.servers")
+from uploader.source.beanstalkd.wire import Connection, ConnectionLost
+
+log = structlog.get_logger("uploader.source.beanstalkd.servers")
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 3.0  # seconds to reach Redis or beanstalkd before saying it is unreachable
+REPLY_TIMEOUT = 10.0  # seconds a connected server may take to answer one command
 
 UNCHECKED = "not checked yet"
 # What a beanstalkd out of file descriptors looks like from here: the kernel completes the TCP
@@ -31,7 +40,9 @@ def closed_at_once(address: str, error: str) -> str:
     return f"beanstalkd at {address} closed the connection right after accepting it ({error}): {FULL_HINT}"
 
 
-class Servers:
+class ServerVerdicts:
+    """One verdict per server, up or why not, from the Source's word and the Monitor's."""
+
     def __init__(
         self, addresses: Iterable[str], on_change: Callable[[str, bool], None] | None = None
     ) -> None:
@@ -99,3 +110,17 @@ class Servers:
         self._since[address] = now
         if self.on_change is not None:
             self.on_change(address, verdict is None)
+
+
+async def connect(address: str) -> Connection:
+    return await Connection.connect(address, timeout=CONNECT_TIMEOUT)
+
+
+async def within(conn: Connection, call: Awaitable[T]) -> T:
+    """A beanstalkd reply within REPLY_TIMEOUT: a server that connects but never answers is down."""
+    try:
+        async with asyncio.timeout(REPLY_TIMEOUT):
+            return await call
+    except TimeoutError:
+        await conn.close()
+        raise ConnectionLost(f"beanstalkd at {conn.address} did not answer in {REPLY_TIMEOUT:g} s") from None
