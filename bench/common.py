@@ -342,7 +342,7 @@ class DaemonProc:
         self.config_path = os.path.join(workdir, f"uploader-{free_port()}.toml")
         Path(self.config_path).write_text(config_text)
         self.log_path = self.config_path + ".log"
-        module = "bench.nulld" if null_store else "uploader.cli"
+        module = "bench.nulld" if null_store else "uploader.cli.main"
         self.argv = [sys.executable, "-m", module, "run", "--config", self.config_path]
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0

@@ -484,7 +484,7 @@ async def get(session: aiohttp.ClientSession, url: str, token: str = "") -> tupl
 
 
 class DaemonProcess:
-    """One `python -m uploader.cli run --config FILE` process, stdout and stderr (its JSON log
+    """One `python -m uploader.cli.main run --config FILE` process, stdout and stderr (its JSON log
     lines, its one-line startup failures) in a log file of its own. `extra_env` adds to the
     environment, e.g. NOTIFY_SOCKET for sd_notify. Control it from sync code (`stop`, `kill`)
     or async code (`wait`, `wait_event`); `returncode` is the exit status once it is known."""
@@ -499,7 +499,7 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "uploader.cli.main", "run", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO), **self.extra_env},
             )
@@ -628,9 +628,9 @@ def notify_socket() -> Iterator[tuple[str, list[str]]]:
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
-    """`python -m uploader.cli ARGS...`: exit status, stdout, stderr."""
+    """`python -m uploader.cli.main ARGS...`: exit status, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uploader.cli", *args, cwd=REPO,
+        sys.executable, "-m", "uploader.cli.main", *args, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

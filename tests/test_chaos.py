@@ -1,4 +1,4 @@
-"""Faults against the real daemon: a subprocess (`python -m uploader.cli run`) on real servers.
+"""Faults against the real daemon: a subprocess (`python -m uploader.cli.main run`) on real servers.
 
 Every test ends with the same proof: every file of every manifest is in the store with the
 right bytes (files lost: 0), the daemon is alive or exited 0 (crashes: 0), and its log holds

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Env, run_cli, wait_until, write_config
-from uploader import cli, devservers, jobctl
 from uploader import config as config_mod
+from uploader import devservers
+from uploader.cli import jobs as jobctl
+from uploader.cli import main as cli
 from uploader.source.beanstalkd import placement
 
 
@@ -34,7 +36,7 @@ async def uploader(
     beanstalkd: str | None = None,
     redis_url: str | None = None,
 ) -> tuple[int, str, str]:
-    argv: list[str | bytes] = [sys.executable, "-m", "uploader.cli", *args]
+    argv: list[str | bytes] = [sys.executable, "-m", "uploader.cli.main", *args]
     if config:
         argv[4:4] = ["--config", str(cli_config(env, beanstalkd, redis_url))]
     proc = await asyncio.create_subprocess_exec(

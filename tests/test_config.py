@@ -359,7 +359,7 @@ def test_a_reload_never_names_the_path() -> None:
 
 def check_config(path: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "uploader.cli", "check-config", path],
+        [sys.executable, "-m", "uploader.cli.main", "check-config", path],
         capture_output=True, text=True, timeout=30, cwd=REPO, check=False,
     )
 

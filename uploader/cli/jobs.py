@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
 from uploader import actions
-from uploader.clicommon import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
+from uploader.cli.command import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
 from uploader.config import TUBE_NAME, Config
 from uploader.manifest import JOB_ID, BadEntry, parse_entry
 from uploader.redisio import Keys, text, text_map

@@ -71,7 +71,7 @@ def _write_config(path: Path, beanstalkd: str, redis: str, uploads: Path, object
 
 def _uploader(*args: str) -> list[str]:
     """The command line of this very uploader, whatever is on PATH."""
-    return [sys.executable, "-m", "uploader.cli", *args]
+    return [sys.executable, "-m", "uploader.cli.main", *args]
 
 
 def _report_store(objects: Path) -> int:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from uploader.clicommon import OK, UNREACHABLE, CliError, load_config, redis_keys, run_async
+from uploader.cli.command import OK, UNREACHABLE, CliError, load_config, redis_keys, run_async
 from uploader.config import Config
 from uploader.errors import BadJobError
 from uploader.heartbeat import live_workers
@@ -59,7 +59,7 @@ class Candidate:
 
 
 @dataclass(slots=True)
-class Servers:
+class ServerSurvey:
     """What the beanstalkd servers hold, as far as they answer."""
 
     conns: dict[str, Connection] = field(default_factory=dict)  # the live ones
@@ -74,7 +74,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 async def recover(config: Config, older_than: float, dry_run: bool) -> int:
-    servers = Servers()
+    survey = ServerSurvey()
     try:
         async with redis_keys(config) as (redis, keys):
             now = time.time()
@@ -82,20 +82,20 @@ async def recover(config: Config, older_than: float, dry_run: bool) -> int:
             live = await live_workers(redis, keys, now)
             candidates = [c for c in candidates if not _live_run(c, live)]
             named = {n[0] for c in candidates if (n := c.named())}
-            await _look(servers, [*config.source.addresses, *sorted(named - set(config.source.addresses))])
-            stranded = [c for c in candidates if await _stranded(servers, c)]
-            for address, why in servers.down.items():
+            await _look(survey, [*config.source.addresses, *sorted(named - set(config.source.addresses))])
+            stranded = [c for c in candidates if await _stranded(survey, c)]
+            for address, why in survey.down.items():
                 print(f"beanstalkd {address} unreachable, counted as lost: {why}")
-            for address in servers.partial:
+            for address in survey.partial:
                 print(f"beanstalkd {address} holds more than {SCAN_LIMIT} job IDs: "
                       "jobs it may hold are left alone")
             if dry_run:
                 for c in stranded:
                     print(f"stranded\t{c.id}\t{c.state.get('state', 'no progress')}\t{_where(c)}")
-            put = 0 if dry_run else await _put_all(config, redis, keys, servers, stranded)
+            put = 0 if dry_run else await _put_all(config, redis, keys, survey, stranded)
             print(f"{len(stranded)} stranded of {len(candidates)} unfinished jobs; put again: {put}")
     finally:
-        for conn in servers.conns.values():
+        for conn in survey.conns.values():
             await conn.close()
     return OK
 
@@ -151,24 +151,24 @@ async def _read(redis: Redis, keys: Keys, job_ids: list[str], now: float) -> lis
     return found
 
 
-async def _look(servers: Servers, addresses: list[str]) -> None:
+async def _look(survey: ServerSurvey, addresses: list[str]) -> None:
     """Connect to each server and read every job ID it holds; unreachable ones are down."""
     for address in dict.fromkeys(addresses):
         try:
             conn = await connect(address)
         except ConnectionLost as exc:
-            servers.down[address] = str(exc)
+            survey.down[address] = str(exc)
             continue
         try:
             held, complete = await _held_by(conn)
         except BeanstalkError as exc:
-            servers.down[address] = str(exc)
+            survey.down[address] = str(exc)
             await conn.close()
             continue
-        servers.conns[address] = conn
-        servers.held |= held
+        survey.conns[address] = conn
+        survey.held |= held
         if not complete:
-            servers.partial.append(address)
+            survey.partial.append(address)
 
 
 async def _held_by(conn: Connection) -> tuple[set[str], bool]:
@@ -198,32 +198,32 @@ def _body_id(body: bytes) -> str | None:
         return None
 
 
-async def _stranded(servers: Servers, candidate: Candidate) -> bool:
+async def _stranded(survey: ServerSurvey, candidate: Candidate) -> bool:
     """No live server holds the job; with a server not looked at to the end, only a job whose
     hash names its delivery can be told (by peeking at that one job)."""
-    if candidate.id in servers.held:
+    if candidate.id in survey.held:
         return False
     named = candidate.named()
-    if named is not None and named[0] in servers.conns:
-        conn = servers.conns[named[0]]
+    if named is not None and named[0] in survey.conns:
+        conn = survey.conns[named[0]]
         bodies = await within(conn, conn.peek_many([named[1]]))
         if any(_body_id(b) == candidate.id for b in bodies.values()):
             return False
-    return not servers.partial
+    return not survey.partial
 
 
 async def _put_all(
-    config: Config, redis: Redis, keys: Keys, servers: Servers, stranded: list[Candidate]
+    config: Config, redis: Redis, keys: Keys, survey: ServerSurvey, stranded: list[Candidate]
 ) -> int:
-    live = [a for a in config.source.addresses if a in servers.conns]
+    live = [a for a in config.source.addresses if a in survey.conns]
     if stranded and not live:
-        down = "; ".join(f"{a}: {why}" for a, why in servers.down.items())
+        down = "; ".join(f"{a}: {why}" for a, why in survey.down.items())
         raise CliError(f"no configured beanstalkd answers, nothing put ({down})", UNREACHABLE)
     tubes = [t.name for t in config.source.tubes]
     for candidate in stranded:
         tube = candidate.state.get("tube", "")
         tube = tube if tube in tubes else tubes[0]
-        address, number = await _put(servers, placement.order(candidate.id, live), candidate.id, tube)
+        address, number = await _put(survey, placement.order(candidate.id, live), candidate.id, tube)
         now = int(time.time())
         note = f"recovered at {now}: put again on {address} as beanstalkd job {number} by uploader recover"
         await redis.hset(keys.job(candidate.id), mapping={
@@ -235,15 +235,15 @@ async def _put_all(
     return len(stranded)
 
 
-async def _put(servers: Servers, order: list[str], job_id: str, tube: str) -> tuple[str, int]:
+async def _put(survey: ServerSurvey, order: list[str], job_id: str, tube: str) -> tuple[str, int]:
     """Put on the first server of `order` that takes it."""
     failure: BeanstalkError | None = None
     for address in order:
-        conn = servers.conns[address]
+        conn = survey.conns[address]
         try:
             await within(conn, conn.use(tube))
             return address, await within(conn, conn.put(job_id.encode(), DEFAULT_PRIORITY, 0, 60))
         except ConnectionLost as exc:
             failure = exc
-            servers.down[address] = str(exc)
+            survey.down[address] = str(exc)
     raise CliError(f"job {job_id} not put again, no beanstalkd took it: {failure}", UNREACHABLE)

@@ -17,8 +17,8 @@ from typing import NoReturn
 import redis.exceptions
 
 from uploader import config as config_mod
-from uploader import jobctl
-from uploader.clicommon import (
+from uploader.cli import jobs as jobctl
+from uploader.cli.command import (
     BUG,
     DEFAULT_CONFIG,
     NO,
@@ -85,7 +85,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from uploader.demo import run_demo
+    from uploader.cli.demo import run_demo
 
     code: int = run_demo(files=args.files)
     return code
@@ -165,7 +165,7 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     retry.add_argument("jobs", nargs="*", metavar="ID")
     retry.set_defaults(func=jobctl.cmd_retry)
 
-    from uploader import recover as recover_mod
+    from uploader.cli import recover as recover_mod
 
     recover = sub.add_parser("recover", help="put again the jobs a lost beanstalkd stranded")
     recover.add_argument("--config")
