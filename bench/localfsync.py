@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from uploader.config import LocalStoreConfig
+from uploader.config.stores import LocalStoreConfig
 from uploader.files import Root, SourceFile, locate, open_source
 from uploader.stores.base import PutRequest
 from uploader.stores.local import LocalStore

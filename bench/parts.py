@@ -176,13 +176,13 @@ def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int)
 
 def _store(kind: str, endpoint: str, part_concurrency: int) -> Any:
     if kind == "azure":
-        from uploader.azureconfig import AzureStoreConfig
+        from uploader.config.stores import AzureStoreConfig
         from uploader.stores.azure import AzureStore
 
         return AzureStore(AzureStoreConfig(
             container=BUCKET, connection_string=devservers.azurite_connection_string(endpoint),
             part_concurrency=part_concurrency, timeout=120.0), concurrency=4)
-    from uploader.config import S3StoreConfig
+    from uploader.config.stores import S3StoreConfig
     from uploader.stores.s3 import S3Store
 
     return S3Store(S3StoreConfig(

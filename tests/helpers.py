@@ -26,10 +26,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from uploader import config as config_mod
 from uploader import devservers
 from uploader import files as files_mod
-from uploader.config import Config, LocalStoreConfig
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
+from uploader.config.stores import LocalStoreConfig
 from uploader.daemon import Daemon
 from uploader.devservers import Server
 from uploader.errors import PermanentFileError, TransientFileError

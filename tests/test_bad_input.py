@@ -26,10 +26,10 @@ import pytest
 import structlog
 
 from tests.helpers import Env, deep_merge, hook_open, toml_text, wait_until, write_config
-from uploader import config as config_mod
 from uploader import statuspage
 from uploader.cli import main as cli
-from uploader.config import HttpConfig
+from uploader.config import settings as config_mod
+from uploader.config.settings import HttpConfig
 from uploader.daemon import Daemon
 from uploader.devservers import free_port
 from uploader.errors import ConfigError

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from uploader import config
-from uploader.config import Config, RetryConfig, Tube
+from uploader.config import settings as config
+from uploader.config.settings import Config, RetryConfig, Tube
 from uploader.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

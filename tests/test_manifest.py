@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from uploader import redisio
-from uploader.config import RedisConfig
+from uploader.config.objectfields import ObjectFields
+from uploader.config.settings import RedisConfig
 from uploader.devservers import Server
 from uploader.errors import BadJobError
 from uploader.manifest import (
@@ -23,7 +24,6 @@ from uploader.manifest import (
     parse_body,
     parse_entry,
 )
-from uploader.objectfields import ObjectFields
 from uploader.redisio import Keys
 
 # --- parse_body ---

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 import structlog.testing
 
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.devservers import Server
 from uploader.progress import Progress
 from uploader.redisio import Keys

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import Env
-from uploader import config as config_mod
-from uploader.config import Config
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
 from uploader.errors import BadJobError, ConfigError, PermanentFileError
 from uploader.files import Root, locate
 from uploader.manifest import BadEntry, Entry, key_problem, parse_body, parse_entry

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Env, wait_until
-from uploader import config as config_mod
-from uploader.config import LimitsConfig, LocalStoreConfig, RateLimit
+from uploader.config import settings as config_mod
+from uploader.config.settings import LimitsConfig, RateLimit
+from uploader.config.stores import LocalStoreConfig
 from uploader.errors import ConfigError
 from uploader.files import SourceFile
 from uploader.ratelimit import RateLimiter, TokenBucket

@@ -26,7 +26,7 @@ from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Daemons, Env, get, on_private_redis, uploaded_at_least, wait_until
 from tests.test_chaos import TOKEN, assert_all_landed, chaos_config, wait_final_through_outage
 from uploader import devservers, redisio
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 
 
 def _pause(pid: int) -> None:

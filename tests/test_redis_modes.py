@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from tests.helpers import Env, RecordingStore, local_store, run_cli, toml_text, wait_until
 from uploader import devredis, devservers
 from uploader import heartbeat as heartbeat_mod
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.devredis import RedisCluster, RedisSentinel
 from uploader.devservers import Server
 from uploader.redisio import connect

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from uploader.clock import backoff_delays
-from uploader.config import RetryConfig
+from uploader.config.settings import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
 from uploader.retry import RetryPolicy, classify
 

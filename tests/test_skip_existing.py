@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from tests.helpers import Env, StoreWrapper
-from uploader.config import MiB
+from uploader.config.table import MiB
 from uploader.files import SourceFile
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, Store, StoredObject, already_stored
 from uploader.stores.local import LocalStore

@@ -12,7 +12,7 @@ import redis.exceptions
 import structlog
 
 from tests.helpers import Env, HeldStore, local_store, wait_until
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.devservers import Server
 from uploader.jobs import QUICK_JOB
 from uploader.progress import Progress

@@ -20,8 +20,8 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import ChangingSource, Env, OpenFile, wait_until
-from uploader import config as config_mod
-from uploader.config import AzureStoreConfig
+from uploader.config import settings as config_mod
+from uploader.config.stores import AzureStoreConfig
 from uploader.devservers import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
 from uploader.errors import (
     ConfigError,

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import Env, wait_until
-from uploader import config as config_mod
-from uploader.config import HttpStoreConfig
+from uploader.config import settings as config_mod
+from uploader.config.stores import HttpStoreConfig
 from uploader.errors import (
     ConfigError,
     InfrastructureError,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import OpenFile, wait_until
-from uploader import config as config_mod
-from uploader.config import LocalStoreConfig
+from uploader.config import settings as config_mod
+from uploader.config.stores import LocalStoreConfig
 from uploader.errors import (
     ConfigError,
     InfrastructureError,

@@ -20,7 +20,8 @@ from botocore.exceptions import (
 )
 
 from tests.helpers import ChangingSource, OpenFile
-from uploader.config import MiB, S3StoreConfig
+from uploader.config.stores import S3StoreConfig
+from uploader.config.table import MiB
 from uploader.errors import (
     InfrastructureError,
     PermanentFileError,

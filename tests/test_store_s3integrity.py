@@ -15,7 +15,9 @@ import pytest
 
 from tests.faultproxy import FaultProxy, Rule
 from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
-from uploader.config import MiB, RetryConfig, S3StoreConfig
+from uploader.config.settings import RetryConfig
+from uploader.config.stores import S3StoreConfig
+from uploader.config.table import MiB
 from uploader.errors import TransientFileError
 from uploader.files import Root, open_source
 from uploader.retry import RetryPolicy

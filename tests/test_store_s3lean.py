@@ -19,7 +19,7 @@ from botocore.credentials import Credentials as BotoCredentials
 from botocore.exceptions import ClientError
 
 from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
-from uploader.config import S3StoreConfig
+from uploader.config.stores import S3StoreConfig
 from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
 from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult

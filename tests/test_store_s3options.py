@@ -12,10 +12,10 @@ import pytest
 
 from tests.helpers import OpenFile
 from tests.test_store_s3 import make_config
-from uploader import config
-from uploader.config import MiB
+from uploader.config import settings as config
+from uploader.config.objectfields import ObjectFields, entry_fields
+from uploader.config.table import MiB
 from uploader.errors import ConfigError
-from uploader.objectfields import ObjectFields, entry_fields
 from uploader.stores.base import PutRequest
 from uploader.stores.s3 import S3Store
 

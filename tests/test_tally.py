@@ -7,7 +7,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.metrics import Metrics
 from uploader.progress import Counts, Progress
 from uploader.redisio import Keys

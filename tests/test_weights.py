@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import Env
-from uploader.config import LocalStoreConfig, SourceConfig, Tube
+from uploader.config.settings import SourceConfig, Tube
+from uploader.config.stores import LocalStoreConfig
 from uploader.files import SourceFile
 from uploader.source.beanstalkd.source import Source, TubeOrder
 from uploader.stores.base import PutRequest, PutResult

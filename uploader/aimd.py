@@ -24,7 +24,7 @@ import time
 import structlog
 
 from uploader.clock import Clock
-from uploader.config import UploadConfig
+from uploader.config.settings import UploadConfig
 from uploader.errors import FileError, ThrottledError
 from uploader.limits import Slots
 from uploader.metrics import Metrics

@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import redis.asyncio as aioredis
 import structlog
 
-from uploader import config as config_mod
 from uploader import logs, redisio, sdnotify, web
 from uploader.clock import SYSTEM, Time
-from uploader.config import Config
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
 from uploader.errors import ConfigError
 from uploader.health import Health, problem
 from uploader.heartbeat import Heartbeat, Report

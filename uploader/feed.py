@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
-from uploader.config import Config
+from uploader.config.settings import Config
 from uploader.errors import BadJobError
 from uploader.files import Root
 from uploader.jobs import JobRun

@@ -18,7 +18,7 @@ import structlog
 from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT
 
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.ledger import Batch, Ledger
 from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, call_script, scripted
 from uploader.redisio import Keys, is_cluster

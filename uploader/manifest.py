@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from uploader.config.objectfields import ObjectFields, entry_fields
 from uploader.errors import BadJobError
-from uploader.objectfields import ObjectFields, entry_fields
 from uploader.redisio import Keys, until_done
 
 JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}\Z")  # \Z, not $: "$" also matches before a final "\n"

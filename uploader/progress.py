@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from uploader.config import RedisConfig
+from uploader.config.settings import RedisConfig
 from uploader.finalwrite import LIST_LABEL, Closing, FinalWrite
 from uploader.finalwrite import State as State
 from uploader.ledger import Batch, Ledger

@@ -12,7 +12,7 @@ import asyncio
 import time
 
 from uploader.clock import Clock, Sleep
-from uploader.config import LimitsConfig, RateLimit
+from uploader.config.settings import LimitsConfig, RateLimit
 
 # Rounding in the refill arithmetic must not turn into one more (near-zero) sleep.
 EPSILON = 1e-9

@@ -24,7 +24,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from uploader.clock import backoff_delays
-from uploader.config import RedisConfig, mask_url
+from uploader.config.settings import RedisConfig
+from uploader.config.table import mask_url
 
 T = TypeVar("T")
 log = structlog.get_logger("uploader.redis")

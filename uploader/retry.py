@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from uploader.clock import Sleep, backoff_delays
-from uploader.config import RetryConfig
+from uploader.config.settings import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ import structlog
 
 from uploader.aimd import Aimd
 from uploader.clock import SYSTEM, Time, backoff_delays
-from uploader.config import Config, UploadConfig
+from uploader.config.settings import Config, UploadConfig
 from uploader.errors import StoreUnavailableError
 from uploader.feed import Feeder
 from uploader.health import Health, problem

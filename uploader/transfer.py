@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from uploader.aimd import Aimd
-from uploader.config import UploadConfig
+from uploader.config.settings import UploadConfig
 from uploader.contenttype import ContentTypes
 from uploader.errors import FileError, PermanentFileError, StoreUnavailableError
 from uploader.files import Root, SourceFile, locate, open_source

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
-from uploader import config as config_mod
 from uploader import redisio
-from uploader.config import Config
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
 from uploader.redisio import Keys
 from uploader.source.beanstalkd.servers import CONNECT_TIMEOUT, REPLY_TIMEOUT
 

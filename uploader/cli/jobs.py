@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 from uploader import actions
 from uploader.cli.command import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
-from uploader.config import TUBE_NAME, Config
+from uploader.config.settings import TUBE_NAME, Config
 from uploader.manifest import JOB_ID, BadEntry, parse_entry
 from uploader.redisio import Keys, text, text_map
 from uploader.source.beanstalkd import placement

@@ -16,7 +16,6 @@ from typing import NoReturn
 
 import redis.exceptions
 
-from uploader import config as config_mod
 from uploader.cli import jobs as jobctl
 from uploader.cli.command import (
     BUG,
@@ -30,6 +29,7 @@ from uploader.cli.command import (
     reason,
     run_async,
 )
+from uploader.config import settings as config_mod
 from uploader.errors import ConfigError
 from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, ConnectionLost
 

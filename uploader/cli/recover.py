@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from uploader.cli.command import OK, UNREACHABLE, CliError, load_config, redis_keys, run_async
-from uploader.config import Config
+from uploader.config.settings import Config
 from uploader.errors import BadJobError
 from uploader.heartbeat import live_workers
 from uploader.manifest import JOB_ID, parse_body

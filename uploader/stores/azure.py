@@ -29,7 +29,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import BlobBlock, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
-from uploader.azureconfig import AzureStoreConfig
+from uploader.config.stores import AzureStoreConfig
 from uploader.errors import ConfigError, PermanentFileError
 from uploader.files import SourceFile
 from uploader.stores import base

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import aiohttp
 import structlog
 
-from uploader.config import SkipExisting
+from uploader.config.settings import SkipExisting
 from uploader.errors import InfrastructureError, PermanentFileError, TransientFileError, UploaderError
 from uploader.files import SourceFile
 from uploader.manifest import key_problem
@@ -43,7 +43,7 @@ class PutRequest:
     # Content-Encoding (`gzip` for `a.css.gz`, uploader/contenttype.py); stores that speak
     # HTTP send it, None: none sent.
     content_encoding: str | None = None
-    # The entry's own object fields (uploader/objectfields.py); None: the store's setting.
+    # The entry's own object fields (uploader/config/objectfields.py); None: the store's setting.
     cache_control: str | None = None
     content_disposition: str | None = None
     tagging: tuple[tuple[str, str], ...] | None = None

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from uploader.config import HttpStoreConfig
+from uploader.config.stores import HttpStoreConfig
 from uploader.errors import (
     FileError,
     InfrastructureError,

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from uploader.config import LocalStoreConfig
+from uploader.config.stores import LocalStoreConfig
 from uploader.errors import (
     ConfigError,
     FileError,

@@ -23,7 +23,7 @@ from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-from uploader.config import S3StoreConfig
+from uploader.config.stores import S3StoreConfig
 from uploader.errors import ConfigError
 from uploader.files import SourceFile
 from uploader.stores import base

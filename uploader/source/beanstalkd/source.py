@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from uploader.clock import SYSTEM, Time, backoff_delays
-from uploader.config import SourceConfig
+from uploader.config.settings import SourceConfig
 from uploader.source.base import ReservationLost, Settle
 from uploader.source.beanstalkd.servers import ServerVerdicts, closed_at_once, no_answer
 from uploader.source.beanstalkd.wire import (

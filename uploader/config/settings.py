@@ -15,16 +15,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
-from uploader.azureconfig import AzureStoreConfig as AzureStoreConfig
-from uploader.configtable import MISSING, Table, show
-from uploader.configtable import MiB as MiB
-from uploader.configtable import mask_url as mask_url
+from uploader.config.stores import StoreConfig, read_store
+from uploader.config.table import MISSING, MiB, Table, mask_url, show
 from uploader.errors import ConfigError
-from uploader.storeconfig import HttpStoreConfig as HttpStoreConfig
-from uploader.storeconfig import LocalStoreConfig as LocalStoreConfig
-from uploader.storeconfig import S3StoreConfig as S3StoreConfig
-from uploader.storeconfig import StoreConfig as StoreConfig
-from uploader.storeconfig import read_store
 
 SkipExisting = Literal["never", "same-size", "same-checksum"]
 LogFormat = Literal["auto", "json", "console"]

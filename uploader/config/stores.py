@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 from urllib.parse import urlsplit
 
-from uploader.azureconfig import AzureStoreConfig, read_azure
-from uploader.configtable import MiB, Table, mask_url, show
-from uploader.objectfields import read_s3_options
+from uploader.config.objectfields import read_s3_options
+from uploader.config.table import MiB, Table, mask_url, show
 
 StoreKind = Literal["local", "s3", "http", "azure"]
 AddressingStyle = Literal["auto", "path", "virtual"]
@@ -24,6 +23,11 @@ HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9:]([a-z0-9.:-]*[a-z0-9])?$")
 # Headers the HTTP store computes itself for each request; configuring them is a mistake.
 RESERVED_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding", "host", "connection"})
+# Azure's container names: 3 to 63 of a-z, 0-9 and single hyphens, neither first nor last;
+# "$root" is the account's root container.
+CONTAINER_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$|^\$root$")
+MAX_BLOCK = 4000 * MiB  # Azure's largest staged block
+MAX_SINGLE_PUT = 5000 * MiB  # and its largest blob in one Put Blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,7 @@ class S3StoreConfig:
     conditional_put: bool = False
     # Parts of one file in flight at once; the file holds part_size * this of the byte budget.
     part_concurrency: int = 4
-    # Object options (uploader/objectfields.py), "" / () for S3's default; an entry's own
+    # Object options (uploader/config/objectfields.py), "" / () for S3's default; an entry's own
     # cache_control, content_disposition and tagging replace the store's.
     storage_class: str = ""
     server_side_encryption: str = ""
@@ -77,6 +81,23 @@ class HttpStoreConfig:
     # Hosts a manifest entry's own "url" may name ("*.example.com" covers its subdomains);
     # empty: any host. Anything else fails the file before a byte is read.
     url_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AzureStoreConfig:
+    container: str = "uploads"
+    prefix: str = ""
+    # A storage connection string (account key or SAS); empty: AZURE_STORAGE_CONNECTION_STRING,
+    # else `account_url` with azure-identity's DefaultAzureCredential.
+    connection_string: str = field(default="", repr=False)
+    account_url: str = ""
+    # Files from this size up go as staged blocks of `part_size`, `part_concurrency` at a time.
+    block_threshold: int = 16 * MiB
+    part_size: int = 8 * MiB
+    part_concurrency: int = 4
+    timeout: float = 60.0
+    # Put Blob with If-None-Match: * when skipping existing blobs (409: already there).
+    conditional_put: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,3 +236,38 @@ def _url_hosts(table: Table, default: tuple[str, ...]) -> tuple[str, ...]:
         if not HOST_PATTERN.match(host):
             raise table.fail("url_hosts", f"holds {show(host)}, not a host name or '*.domain'")
     return hosts
+
+
+def read_azure(table: Table, kind: str) -> AzureStoreConfig:
+    d = AzureStoreConfig()
+    config = AzureStoreConfig(
+        container=table.get("container", str, d.container),
+        prefix=table.get("prefix", str, d.prefix),
+        connection_string=table.get("connection_string", str, d.connection_string),
+        account_url=table.get("account_url", str, d.account_url),
+        block_threshold=table.number("block_threshold", int, d.block_threshold, 64 * 1024, MAX_SINGLE_PUT),
+        part_size=table.number("part_size", int, d.part_size, 64 * 1024, MAX_BLOCK),
+        part_concurrency=table.number("part_concurrency", int, d.part_concurrency, 1, 64),
+        timeout=table.number("timeout", float, d.timeout, 0.1, 3600),
+        conditional_put=table.get("conditional_put", bool, d.conditional_put),
+    )
+    _check_azure(table, config, kind)
+    table.close()
+    return config
+
+
+def _check_azure(table: Table, azure: AzureStoreConfig, kind: str) -> None:
+    """What no single key can say wrong on its own; the connection string is never shown."""
+    if kind == "azure" and not azure.container:
+        raise table.fail("container", "must be set when [store].kind is 'azure', got ''")
+    if azure.container and not CONTAINER_NAME.match(azure.container):
+        shown = show(azure.container)
+        raise table.fail("container", f"must be 3-63 of a-z, 0-9 and single '-' (Azure's rule), got {shown}")
+    if azure.prefix.startswith("/") or ".." in azure.prefix.split("/"):
+        raise table.fail("prefix", f"must not start with '/' or contain '..', got {show(azure.prefix)}")
+    if azure.account_url:
+        parts = urlsplit(azure.account_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise table.fail("account_url", "must be an http(s) URL with a host, no query (value not shown)")
+    if azure.connection_string and "=" not in azure.connection_string:
+        raise table.fail("connection_string", "must be KEY=VALUE;... as Azure shows it (value not shown)")

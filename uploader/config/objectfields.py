@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from uploader.configtable import MISSING, Table, show
+from uploader.config.table import MISSING, Table, show
 
 Tags = tuple[tuple[str, str], ...]
 
