@@ -1,6 +1,6 @@
 """Shared machinery for the benchmarks: servers, file trees, jobs, timed daemons and peers.
 
-Everything runs on loopback: beanstalkd and redis-server from `uploader.devservers`, an S3
+Everything runs on loopback: beanstalkd and redis-server from `uploader.dev.servers`, an S3
 endpoint from `rclone serve s3` over a tmpfs directory. Each measured program runs as its own
 process, so its CPU time and peak RSS are its own, read from /proc when it ends.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from uploader.devservers import Server, await_completions, free_port, wait_for_port
+from uploader.dev.servers import Server, await_completions, free_port, wait_for_port
 from uploader.source.beanstalkd.wire import Connection
 
 REPO = Path(__file__).resolve().parent.parent

@@ -49,8 +49,8 @@ from bench.common import (
     put_ids,
 )
 from bench.rediscost import CountingProxy, InfoReader, ProxyStats, redis_delta
-from uploader import devservers
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
 from uploader.source.beanstalkd.wire import Connection
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ import boto3
 
 from bench.common import ACCESS_KEY, REPO, SECRET_KEY, TMPFS, make_big_file, median, peak_rss_mb
 from tests.faultproxy import FaultProxy, Rule
-from uploader import devservers
-from uploader.devservers import free_port, wait_for_port
+from uploader.dev import servers as devservers
+from uploader.dev.servers import free_port, wait_for_port
 
 if TYPE_CHECKING:
     from bench.run import Bench

@@ -53,7 +53,7 @@ from bench.common import (
 from bench.jobs import JobsBench
 from bench.parts import PartsBench
 from bench.rediscost import CountingProxy, InfoReader, redis_delta
-from uploader import devservers
+from uploader.dev import servers as devservers
 
 OUT = REPO / "bench" / "out"
 GiB = 1 << 30

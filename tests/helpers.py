@@ -26,13 +26,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from uploader import devservers
 from uploader import files as files_mod
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
 from uploader.config.stores import LocalStoreConfig
 from uploader.daemon import Daemon
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
 from uploader.errors import PermanentFileError, TransientFileError
 from uploader.files import SourceFile
 from uploader.redisio import Keys, text_map

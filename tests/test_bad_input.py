@@ -31,7 +31,7 @@ from uploader.cli import main as cli
 from uploader.config import settings as config_mod
 from uploader.config.settings import HttpConfig
 from uploader.daemon import Daemon
-from uploader.devservers import free_port
+from uploader.dev.servers import free_port
 from uploader.errors import ConfigError
 from uploader.source.beanstalkd.wire import JobTooBig
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.helpers import wait_until
-from uploader import devservers
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
 from uploader.source.beanstalkd.wire import (
     BadFormat,
     Connection,

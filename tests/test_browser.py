@@ -14,7 +14,7 @@ import pytest
 from playwright.async_api import Browser, Dialog, Locator, Page, async_playwright, expect
 
 from tests.helpers import Daemons, Env, wait_until, write_config
-from uploader.devservers import free_port
+from uploader.dev.servers import free_port
 
 TOKEN = "browser-token-7"
 XSS = "<img src=x onerror=alert(1)>.jpg"

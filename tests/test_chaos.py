@@ -35,8 +35,8 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from uploader import devservers
-from uploader.devservers import free_port
+from uploader.dev import servers as devservers
+from uploader.dev.servers import free_port
 from uploader.source.beanstalkd.wire import Connection, NotFound
 
 MiB = 1024 * 1024

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Env, run_cli, wait_until, write_config
-from uploader import devservers
 from uploader.cli import jobs as jobctl
 from uploader.cli import main as cli
 from uploader.config import settings as config_mod
+from uploader.dev import servers as devservers
 from uploader.source.beanstalkd import placement
 
 

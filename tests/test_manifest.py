@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from uploader import redisio
 from uploader.config.objectfields import ObjectFields
 from uploader.config.settings import RedisConfig
-from uploader.devservers import Server
+from uploader.dev.servers import Server
 from uploader.errors import BadJobError
 from uploader.manifest import (
     MAX_ENTRY_BYTES,

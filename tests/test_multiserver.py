@@ -27,8 +27,8 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from uploader import devservers
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
 from uploader.source.beanstalkd.source import connections_needed
 
 FILES_PER_JOB = 60

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog.testing
 
 from uploader.config.settings import RedisConfig
-from uploader.devservers import Server
+from uploader.dev.servers import Server
 from uploader.progress import Progress
 from uploader.redisio import Keys
 

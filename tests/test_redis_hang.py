@@ -25,8 +25,9 @@ import structlog
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Daemons, Env, get, on_private_redis, uploaded_at_least, wait_until
 from tests.test_chaos import TOKEN, assert_all_landed, chaos_config, wait_final_through_outage
-from uploader import devservers, redisio
+from uploader import redisio
 from uploader.config.settings import RedisConfig
+from uploader.dev import servers as devservers
 
 
 def _pause(pid: int) -> None:

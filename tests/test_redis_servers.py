@@ -1,4 +1,4 @@
-"""The real Redis Cluster and Sentinel test servers (`uploader/devredis.py`), proved with
+"""The real Redis Cluster and Sentinel test servers (`uploader/dev/redis.py`), proved with
 redis-py's own cluster and sentinel clients."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from uploader import devredis
-from uploader.devredis import RedisCluster, RedisSentinel
-from uploader.devservers import Server
+from uploader.dev import redis as devredis
+from uploader.dev.redis import RedisCluster, RedisSentinel
+from uploader.dev.servers import Server
 
 
 def tag() -> str:

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Daemons, Env, notify_socket, toml_text, uploaded, wait_until, write_config
-from uploader.devservers import free_port
+from uploader.dev.servers import free_port
 from uploader.source.beanstalkd.wire import NotFound
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import structlog
 
 from tests.helpers import Env, HeldStore, local_store, wait_until
 from uploader.config.settings import RedisConfig
-from uploader.devservers import Server
+from uploader.dev.servers import Server
 from uploader.jobs import QUICK_JOB
 from uploader.progress import Progress
 from uploader.redisio import Keys

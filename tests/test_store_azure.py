@@ -22,7 +22,7 @@ from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import ChangingSource, Env, OpenFile, wait_until
 from uploader.config import settings as config_mod
 from uploader.config.stores import AzureStoreConfig
-from uploader.devservers import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
+from uploader.dev.servers import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
 from uploader.errors import (
     ConfigError,
     InfrastructureError,

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Env, StoreWrapper, get, listen, wait_until
 from uploader import daemon as daemon_mod
-from uploader import devservers
 from uploader.config.settings import Config
+from uploader.dev import servers as devservers
 from uploader.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult, Store
 from uploader.stores.local import LocalStore

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from uploader import devservers
+from uploader.dev import servers as devservers
 
 
 def _sample_files(root: Path, count: int) -> list[str]:

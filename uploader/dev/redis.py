@@ -1,7 +1,7 @@
 """Real Redis Cluster and Redis Sentinel deployments on free loopback ports.
 
-Like `devservers`, for the test suite and the benchmarks only; never used by the daemon.
-Every process is a `devservers.Server` kept by its deployment, so `stop()` ends them all,
+Like `servers.py` beside it, for the test suite and the benchmarks only; never used by the
+daemon. Every process is a `servers.Server` kept by its deployment, so `stop()` ends them all,
 even after a start that failed half way.
 """
 
@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from uploader.devservers import Server, free_port, require
+from uploader.dev.servers import Server, free_port, require
 
 T = TypeVar("T")
 SLOTS = 16384
