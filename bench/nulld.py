@@ -12,7 +12,7 @@ import asyncio
 from uploader import logs
 from uploader.config import settings as config_mod
 from uploader.daemon import Daemon
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult, StoredObject
 
 

@@ -148,7 +148,7 @@ class PartsBench:
 
 def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int) -> None:
     """One put of `path` by a started store, timed; prints one JSON line."""
-    from uploader.files import Root, open_source
+    from uploader.entries.files import Root, open_source
     from uploader.stores.base import PutRequest
 
     store = _store(kind, endpoint, part_concurrency)

@@ -23,7 +23,7 @@ from uploader.dev import redis as devredis
 from uploader.dev import servers as devservers
 from uploader.dev.redis import RedisCluster, RedisSentinel
 from uploader.dev.servers import Server
-from uploader.files import Root, SourceFile, locate, open_source
+from uploader.entries.files import Root, SourceFile, locate, open_source
 
 
 @pytest.fixture(scope="session")

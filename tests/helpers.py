@@ -26,15 +26,15 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from uploader import files as files_mod
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
 from uploader.config.stores import LocalStoreConfig
 from uploader.daemon import Daemon
 from uploader.dev import servers as devservers
 from uploader.dev.servers import Server
+from uploader.entries import files as files_mod
+from uploader.entries.files import SourceFile
 from uploader.errors import PermanentFileError, TransientFileError
-from uploader.files import SourceFile
 from uploader.redisio import Keys, text_map
 from uploader.source.beanstalkd.wire import Connection
 from uploader.stores.base import PutRequest, PutResult, Store, StoredObject
@@ -287,7 +287,7 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 def hook_open(
     monkeypatch: pytest.MonkeyPatch, target: Path, action: Callable[[], None], once: bool = False
 ) -> None:
-    """Run `action` just before the daemon opens `target`, whichever way `uploader.files` opens
+    """Run `action` just before the daemon opens `target`, whichever way `uploader.entries.files` opens
     it (os.open, or openat2 beneath its root): after every check by name. An OSError that
     `action` raises is that open's failure. With `once`, only the first open runs it."""
     done: list[bool] = []

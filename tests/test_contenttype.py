@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import Env
-from uploader import contenttype
-from uploader.contenttype import ContentTypes
-from uploader.mimetable import CODINGS, COMPRESSED
+from uploader.entries import contenttype
+from uploader.entries.contenttype import ContentTypes
+from uploader.entries.mimetable import CODINGS, COMPRESSED
 
 REPO = Path(__file__).resolve().parent.parent
 

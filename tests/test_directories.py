@@ -12,10 +12,10 @@ import pytest
 
 from tests.helpers import Env, StoreWrapper, wait_until
 from uploader.daemon import Daemon
-from uploader.files import Root, SourceFile
+from uploader.entries.files import Root, SourceFile
+from uploader.entries.walk import Walker
 from uploader.stores.base import PutRequest, PutResult, Store
 from uploader.stores.local import LocalStore
-from uploader.walk import Walker
 
 
 class WatchingStore(StoreWrapper):

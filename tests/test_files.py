@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
-from uploader import files
+from uploader.entries import files
+from uploader.entries.files import INLINE_READ_LIMIT, Root, SourceFile, locate, open_source, place
 from uploader.errors import PermanentFileError, TransientFileError
-from uploader.files import INLINE_READ_LIMIT, Root, SourceFile, locate, open_source, place
 
 
 @pytest.fixture

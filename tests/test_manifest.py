@@ -13,8 +13,7 @@ from uploader import redisio
 from uploader.config.objectfields import ObjectFields
 from uploader.config.settings import RedisConfig
 from uploader.dev.servers import Server
-from uploader.errors import BadJobError
-from uploader.manifest import (
+from uploader.entries.manifest import (
     MAX_ENTRY_BYTES,
     BadEntry,
     Entry,
@@ -24,6 +23,7 @@ from uploader.manifest import (
     parse_body,
     parse_entry,
 )
+from uploader.errors import BadJobError
 from uploader.redisio import Keys
 
 # --- parse_body ---

@@ -25,8 +25,8 @@ from tests.helpers import (
     on_private_redis,
     wait_until,
 )
+from uploader.entries.files import SourceFile
 from uploader.errors import InfrastructureError, StoreUnavailableError
-from uploader.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult
 
 

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from tests.helpers import Env
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
+from uploader.entries.files import Root, locate
+from uploader.entries.manifest import BadEntry, Entry, key_problem, parse_body, parse_entry
 from uploader.errors import BadJobError, ConfigError, PermanentFileError
-from uploader.files import Root, locate
-from uploader.manifest import BadEntry, Entry, key_problem, parse_body, parse_entry
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),

@@ -14,8 +14,8 @@ from tests.helpers import Env, wait_until
 from uploader.config import settings as config_mod
 from uploader.config.settings import LimitsConfig, RateLimit
 from uploader.config.stores import LocalStoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError
-from uploader.files import SourceFile
 from uploader.ratelimit import RateLimiter, TokenBucket
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.local import LocalStore

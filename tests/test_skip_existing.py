@@ -14,7 +14,7 @@ import structlog
 
 from tests.helpers import Env, StoreWrapper
 from uploader.config.table import MiB
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, Store, StoredObject, already_stored
 from uploader.stores.local import LocalStore
 from uploader.stores.s3 import S3Store

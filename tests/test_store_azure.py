@@ -23,6 +23,7 @@ from tests.helpers import ChangingSource, Env, OpenFile, wait_until
 from uploader.config import settings as config_mod
 from uploader.config.stores import AzureStoreConfig
 from uploader.dev.servers import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
+from uploader.entries.files import SourceFile
 from uploader.errors import (
     ConfigError,
     InfrastructureError,
@@ -31,7 +32,6 @@ from uploader.errors import (
     ThrottledError,
     TransientFileError,
 )
-from uploader.files import SourceFile
 from uploader.stores import open_store
 from uploader.stores.azure import AzureStore, blob_name
 from uploader.stores.azureerrors import classify_azure_error

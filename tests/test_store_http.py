@@ -17,6 +17,8 @@ from aiohttp import web
 from tests.helpers import Env, wait_until
 from uploader.config import settings as config_mod
 from uploader.config.stores import HttpStoreConfig
+from uploader.entries.files import SourceFile
+from uploader.entries.manifest import BadEntry, Entry, parse_entry
 from uploader.errors import (
     ConfigError,
     InfrastructureError,
@@ -25,8 +27,6 @@ from uploader.errors import (
     ThrottledError,
     TransientFileError,
 )
-from uploader.files import SourceFile
-from uploader.manifest import BadEntry, Entry, parse_entry
 from uploader.stores import open_store
 from uploader.stores.base import PutRequest, StoredObject
 from uploader.stores.http import HttpStore

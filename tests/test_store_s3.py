@@ -22,6 +22,7 @@ from botocore.exceptions import (
 from tests.helpers import ChangingSource, OpenFile
 from uploader.config.stores import S3StoreConfig
 from uploader.config.table import MiB
+from uploader.entries.files import SourceFile
 from uploader.errors import (
     InfrastructureError,
     PermanentFileError,
@@ -29,7 +30,6 @@ from uploader.errors import (
     ThrottledError,
     TransientFileError,
 )
-from uploader.files import SourceFile
 from uploader.stores.base import PutRequest, StoredObject
 from uploader.stores.s3 import S3Store, classify_s3_error, object_name
 

@@ -18,8 +18,8 @@ from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
 from uploader.config.settings import RetryConfig
 from uploader.config.stores import S3StoreConfig
 from uploader.config.table import MiB
+from uploader.entries.files import Root, open_source
 from uploader.errors import TransientFileError
-from uploader.files import Root, open_source
 from uploader.retry import RetryPolicy
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store

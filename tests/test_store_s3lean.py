@@ -20,8 +20,8 @@ from botocore.exceptions import ClientError
 
 from tests.rclones3 import RCLONE_KEY, RCLONE_SECRET, RcloneS3
 from uploader.config.stores import S3StoreConfig
+from uploader.entries.files import Root, open_source
 from uploader.errors import PermanentFileError, StoreUnavailableError, ThrottledError
-from uploader.files import Root, open_source
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store, classify_s3_error
 from uploader.stores.s3lean import Credentials, LeanPut, Signer, UseBotocore, check_reply, host_of, object_url

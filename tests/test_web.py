@@ -15,7 +15,7 @@ from tests.helpers import Env, StoreWrapper, get, listen, wait_until
 from uploader import daemon as daemon_mod
 from uploader.config.settings import Config
 from uploader.dev import servers as devservers
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult, Store
 from uploader.stores.local import LocalStore
 

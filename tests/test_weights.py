@@ -7,7 +7,7 @@ import pytest
 from tests.helpers import Env
 from uploader.config.settings import SourceConfig, Tube
 from uploader.config.stores import LocalStoreConfig
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.source.beanstalkd.source import Source, TubeOrder
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.local import LocalStore

@@ -15,14 +15,14 @@ import redis.asyncio as aioredis
 import structlog
 
 from uploader.config.settings import Config
+from uploader.entries.files import Root
+from uploader.entries.manifest import BadEntry, Entry, Page, parse_entry
+from uploader.entries.walk import DirectoryExpander
 from uploader.errors import BadJobError
-from uploader.files import Root
 from uploader.jobs import JobRun
-from uploader.manifest import BadEntry, Entry, Page, parse_entry
 from uploader.progress import Progress
 from uploader.redisio import Keys
 from uploader.tally import Result, Tally
-from uploader.walk import DirectoryExpander
 
 log = structlog.get_logger("uploader.feed")
 

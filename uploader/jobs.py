@@ -22,10 +22,10 @@ import structlog
 from uploader import opening
 from uploader.cancelflags import CancelFlags
 from uploader.clock import SYSTEM, Time
+from uploader.entries.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
 from uploader.errors import BadJobError
 from uploader.health import Health
 from uploader.heartbeat import hand_back
-from uploader.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
 from uploader.progress import Counts, Progress, State
 from uploader.redisio import Keys
 from uploader.ring import Ring

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from uploader.manifest import Page
+from uploader.entries.manifest import Page
 from uploader.progresslua import Lua, call_script
 from uploader.redisio import Keys, is_cluster, until_done
 

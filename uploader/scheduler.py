@@ -19,12 +19,12 @@ import structlog
 from uploader.aimd import Aimd
 from uploader.clock import SYSTEM, Time, backoff_delays
 from uploader.config.settings import Config, UploadConfig
+from uploader.entries.manifest import Entry
 from uploader.errors import StoreUnavailableError
 from uploader.feed import Feeder
 from uploader.health import Health, problem
 from uploader.jobs import CompletionSink, JobRun, Jobs
 from uploader.limits import ByteBudget, Slots
-from uploader.manifest import Entry
 from uploader.metrics import Metrics
 from uploader.progress import Progress
 from uploader.ratelimit import RateLimiter

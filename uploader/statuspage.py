@@ -23,8 +23,8 @@ from aiohttp import web
 
 from uploader import actions
 from uploader.clock import SYSTEM, Time
+from uploader.entries.manifest import JOB_ID
 from uploader.fleet import Fleet, Listing
-from uploader.manifest import JOB_ID
 from uploader.redisio import OUTAGE_ERRORS, Keys
 from uploader.source.beanstalkd.wire import BeanstalkError
 

@@ -14,11 +14,11 @@ import structlog
 
 from uploader.aimd import Aimd
 from uploader.config.settings import UploadConfig
-from uploader.contenttype import ContentTypes
+from uploader.entries.contenttype import ContentTypes
+from uploader.entries.files import Root, SourceFile, locate, open_source
+from uploader.entries.manifest import Entry, key_problem
 from uploader.errors import FileError, PermanentFileError, StoreUnavailableError
-from uploader.files import Root, SourceFile, locate, open_source
 from uploader.limits import ByteBudget
-from uploader.manifest import Entry, key_problem
 from uploader.ratelimit import RateLimiter
 from uploader.retry import RetryPolicy
 from uploader.stores.base import PutRequest, PutResult, Store, already_stored

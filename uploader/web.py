@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from uploader import statuspage
+from uploader.entries.manifest import JOB_ID
 from uploader.errors import ConfigError
 from uploader.fleet import field_value
-from uploader.manifest import JOB_ID
 from uploader.redisio import OUTAGE_ERRORS, Keys, text, text_map
 
 log = structlog.get_logger("uploader.web")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 from uploader import actions
 from uploader.cli.command import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
 from uploader.config.settings import TUBE_NAME, Config
-from uploader.manifest import JOB_ID, BadEntry, parse_entry
+from uploader.entries.manifest import JOB_ID, BadEntry, parse_entry
 from uploader.redisio import Keys, text, text_map
 from uploader.source.beanstalkd import placement
 from uploader.source.beanstalkd.servers import connect, within

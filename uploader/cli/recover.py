@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from uploader.cli.command import OK, UNREACHABLE, CliError, load_config, redis_keys, run_async
 from uploader.config.settings import Config
+from uploader.entries.manifest import JOB_ID, parse_body
 from uploader.errors import BadJobError
 from uploader.heartbeat import live_workers
-from uploader.manifest import JOB_ID, parse_body
 from uploader.redisio import Keys, text, text_map
 from uploader.source.beanstalkd import placement
 from uploader.source.beanstalkd.servers import connect, within

@@ -73,7 +73,7 @@ class UploadConfig:
     key_template: str = "{job_id}/{relpath}"
     retry: RetryConfig = field(default_factory=RetryConfig)
     skip_existing: SkipExisting = "never"
-    # A manifest entry naming a directory uploads every regular file below it (uploader/walk.py).
+    # A manifest entry naming a directory uploads every regular file below it (uploader/entries/walk.py).
     directories: bool = True
     max_inflight_bytes: int = 256 * MiB
     allow_hard_links: bool = False

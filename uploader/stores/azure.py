@@ -30,8 +30,8 @@ from azure.storage.blob import BlobBlock, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
 from uploader.config.stores import AzureStoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError, PermanentFileError
-from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.azureerrors import (
     OUTAGE_CODES,

@@ -24,8 +24,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
 from uploader.config.stores import S3StoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError
-from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
 from uploader.stores.s3errors import (

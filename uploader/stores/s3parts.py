@@ -17,7 +17,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.stores.s3objects import content_md5
 
 MAX_PARTS = 10_000

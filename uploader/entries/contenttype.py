@@ -2,7 +2,7 @@
 
 The rule, in order: the entry's `content_type` (and its `content_encoding`, if any); else the
 type guessed here from the name's extensions; else `[upload].default_content_type`. Guesses
-come from the table shipped in `uploader/mimetable.py`, never from the host's
+come from the table shipped in `uploader/entries/mimetable.py`, never from the host's
 /etc/mime.types, so every host stores a file alike.
 
 A file compressed with a coding browsers decode (`.gz`, `.br`, `.zst`) is stored as what it
@@ -15,7 +15,7 @@ other compression formats (`.bz2`, `.xz`, `.Z`) are always their own type.
 
 from __future__ import annotations
 
-from uploader.mimetable import ARCHIVES, CODINGS, COMPRESSED, SHORTHANDS, TYPES
+from uploader.entries.mimetable import ARCHIVES, CODINGS, COMPRESSED, SHORTHANDS, TYPES
 
 CONTENT_TYPE_CACHE = 4096  # distinct file-name extensions whose guess is remembered
 

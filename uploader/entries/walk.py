@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
+from uploader.entries.files import Root, is_under, opened_path, place
+from uploader.entries.manifest import Entry, key_problem
 from uploader.errors import PermanentFileError
-from uploader.files import Root, is_under, opened_path, place
-from uploader.manifest import Entry, key_problem
 from uploader.redisio import Keys, until_done
 
-log = structlog.get_logger("uploader.walk")
+log = structlog.get_logger("uploader.entries.walk")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
