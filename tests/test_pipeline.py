@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import Env, HeldStore, RecordingStore, hook_open, local_store, wait_until
-from uploader.progress import Progress
+from uploader.state.progress import Progress
 
 
 def mixed_entries(env: Env, paths: list[Path], job_id: str) -> tuple[list[str], dict[str, tuple[Path, str]]]:

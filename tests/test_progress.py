@@ -15,8 +15,8 @@ import structlog.testing
 
 from uploader.config.settings import RedisConfig
 from uploader.dev.servers import Server
-from uploader.progress import Progress
 from uploader.redisio import Keys
+from uploader.state.progress import Progress
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import Env, SlowStore, run_cli, total_uploaded, two_servers, wait_until, write_config
 from uploader.dev import servers as devservers
 from uploader.dev.servers import Server
-from uploader.heartbeat import live_workers, workers_key
+from uploader.state.heartbeat import live_workers, workers_key
 
 FILES = 30
 

@@ -19,13 +19,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.helpers import Env, RecordingStore, local_store, run_cli, toml_text, wait_until
-from uploader import heartbeat as heartbeat_mod
 from uploader.config.settings import RedisConfig
 from uploader.dev import redis as devredis
 from uploader.dev import servers as devservers
 from uploader.dev.redis import RedisCluster, RedisSentinel
 from uploader.dev.servers import Server
 from uploader.redisio import connect
+from uploader.state import heartbeat as heartbeat_mod
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""A new job's short way through Redis (opening.probe, the lazy start, CLOSE) and through
+"""A new job's short way through Redis (state/probe.py, the lazy start, CLOSE) and through
 beanstalkd (no keeper, no touch, reused connections): as exact and as visible as the long way."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from tests.helpers import Env, HeldStore, local_store, wait_until
 from uploader.config.settings import RedisConfig
 from uploader.dev.servers import Server
 from uploader.jobs import QUICK_JOB
-from uploader.progress import Progress
 from uploader.redisio import Keys
 from uploader.source.base import Delivery
 from uploader.source.beanstalkd.wire import Connection
+from uploader.state.progress import Progress
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 
 from uploader.config.settings import RedisConfig
 from uploader.metrics import Metrics
-from uploader.progress import Counts, Progress
 from uploader.redisio import Keys
+from uploader.state.progress import Counts, Progress
 from uploader.tally import Result, Tally
 
 

@@ -26,14 +26,14 @@ from uploader.config import settings as config_mod
 from uploader.config.settings import Config
 from uploader.errors import ConfigError
 from uploader.health import Health, problem
-from uploader.heartbeat import Heartbeat, Report
 from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
-from uploader.progress import Progress
 from uploader.scheduler import Scheduler
 from uploader.source.beanstalkd.servers import ServerVerdicts
 from uploader.source.beanstalkd.source import Monitor, Source, connections_needed
 from uploader.source.beanstalkd.wire import Producer
+from uploader.state.heartbeat import Heartbeat, Report
+from uploader.state.progress import Progress
 from uploader.stores import Store, open_store
 from uploader.tally import Summary
 

@@ -20,8 +20,8 @@ from uploader.entries.manifest import BadEntry, Entry, Page, parse_entry
 from uploader.entries.walk import DirectoryExpander
 from uploader.errors import BadJobError
 from uploader.jobs import JobRun
-from uploader.progress import Progress
 from uploader.redisio import Keys
+from uploader.state.progress import Progress
 from uploader.tally import Result, Tally
 
 log = structlog.get_logger("uploader.feed")

@@ -14,8 +14,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from uploader.heartbeat import HEARTBEAT_TTL, THROUGHPUT_BUCKET, info_key, throughput_key, workers_key
 from uploader.redisio import Keys, text
+from uploader.state.heartbeat import HEARTBEAT_TTL, THROUGHPUT_BUCKET, info_key, throughput_key, workers_key
 
 MAX_WORKERS = 200  # workers shown
 MAX_ACTIVE = 100  # running jobs shown, oldest first

@@ -19,18 +19,19 @@ from typing import Literal, cast
 import redis.asyncio as aioredis
 import structlog
 
-from uploader import opening
-from uploader.cancelflags import CancelFlags
 from uploader.clock import SYSTEM, Time
 from uploader.entries.manifest import Entry, InlineManifest, JobSpec, Manifest, RedisManifest, parse_body
 from uploader.errors import BadJobError
 from uploader.health import Health
-from uploader.heartbeat import hand_back
-from uploader.progress import Counts, Progress, State
 from uploader.redisio import Keys
 from uploader.ring import Ring
 from uploader.source.base import Delivery, ReservationLost
 from uploader.source.beanstalkd.source import HeldJob, Source
+from uploader.state import probe as opening
+from uploader.state.cancels import CancelFlags
+from uploader.state.finish import State
+from uploader.state.heartbeat import hand_back
+from uploader.state.progress import Counts, Progress
 from uploader.tally import Tally
 
 log = structlog.get_logger("uploader.jobs")

@@ -26,12 +26,12 @@ from uploader.health import Health, problem
 from uploader.jobs import CompletionSink, JobRun, Jobs
 from uploader.limits import ByteBudget, Slots
 from uploader.metrics import Metrics
-from uploader.progress import Progress
 from uploader.ratelimit import RateLimiter
 from uploader.redisio import Keys
 from uploader.retry import RetryPolicy
 from uploader.ring import Empty
 from uploader.source.beanstalkd.source import HeldJob, Source
+from uploader.state.progress import Progress
 from uploader.stores.base import Store
 from uploader.tally import Result, Summary, Tally
 from uploader.transfer import Transfer

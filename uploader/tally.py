@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from uploader.metrics import Metrics
-from uploader.progress import Counts, Outcome, Progress, State
+from uploader.state.finish import State
+from uploader.state.progress import Counts, Outcome, Progress
 
 if TYPE_CHECKING:
     from uploader.jobs import JobRun

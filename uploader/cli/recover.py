@@ -8,7 +8,7 @@ A job is stranded when
 - it is older than `--older-than` (the hash's `updated_at`; with no hash, the seconds since
   its files list was last touched, Redis's OBJECT IDLETIME), so a producer between its RPUSH
   and its put is left alone;
-- no live worker runs it (`running` by a worker whose heartbeat is fresh, see heartbeat.py);
+- no live worker runs it (`running` by a worker whose heartbeat is fresh, see state/heartbeat.py);
 - no live beanstalkd holds it in any state: every server that answers, configured or named
   in a hash, is looked at job by job (pipelined `peek`, newest first, until every job it holds
   was seen or SCAN_LIMIT IDs were read), and bodies that carry the job ID count as held.
@@ -30,11 +30,11 @@ from uploader.cli.command import OK, UNREACHABLE, CliError, load_config, redis_k
 from uploader.config.settings import Config
 from uploader.entries.manifest import JOB_ID, parse_body
 from uploader.errors import BadJobError
-from uploader.heartbeat import live_workers
 from uploader.redisio import Keys, text, text_map
 from uploader.source.beanstalkd import placement
 from uploader.source.beanstalkd.servers import connect, within
 from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost
+from uploader.state.heartbeat import live_workers
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -1,5 +1,5 @@
 """What a run settled, on its way to Redis (`Batch`, in APPLY's and CLOSE's argument shapes)
-and kept until its final write (`Ledger`): see progresslua.py for the scripts."""
+and kept until its final write (`Ledger`): see scripts.py for the scripts."""
 
 from __future__ import annotations
 

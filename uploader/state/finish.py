@@ -19,11 +19,11 @@ from redis.asyncio.client import Pipeline
 from redis.typing import EncodableT
 
 from uploader.config.settings import RedisConfig
-from uploader.ledger import Batch, Ledger
-from uploader.progresslua import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, call_script, scripted
 from uploader.redisio import Keys, is_cluster
+from uploader.state.ledger import Batch, Ledger
+from uploader.state.scripts import CLOSE_SCRIPT, FINISH_SCRIPT, REASONS_SCRIPT, call_script, scripted
 
-log = structlog.get_logger("uploader.progress")
+log = structlog.get_logger("uploader.state.progress")
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 RECENT_JOBS = 500  # finished jobs listed for operators, newest first

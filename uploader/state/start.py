@@ -2,7 +2,7 @@
 
 START decides between a fresh run (a job ID used again after its run finished: the old
 counters, marks and reasons go), a resumed one (the same delivery again) and a cancelled one.
-A new job (opening.probe found no key of it) needs none of that: its start is kept here and
+A new job (probe.py found no key of it) needs none of that: its start is kept here and
 written with its first outcomes (APPLY, CLOSE), or by START before any other write.
 """
 
@@ -17,11 +17,11 @@ import structlog
 from redis.typing import EncodableT
 
 from uploader.errors import BadJobError
-from uploader.progresslua import START_SCRIPT, scripted
 from uploader.redisio import Keys, is_cluster, text, until_done
 from uploader.source.base import Delivery
+from uploader.state.scripts import START_SCRIPT, scripted
 
-log = structlog.get_logger("uploader.progress")
+log = structlog.get_logger("uploader.state.progress")
 
 # Seconds two estimates of one job's put time (now - beanstalkd's `age`) may differ by: `age` is
 # whole seconds, and each daemon reads it with its own clock.

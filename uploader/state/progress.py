@@ -6,7 +6,7 @@ never waits on a round trip. What a crash loses is uploaded again (at least once
 times).
 
 Counters are exact by construction: an entry counts only when its resume mark goes from unset
-to set, decided in the same script that sets it (see progresslua.APPLY). So a batch sent again
+to set, decided in the same script that sets it (see scripts.APPLY). So a batch sent again
 (its reply was lost), or two runs of one job at once (a reservation lost unnoticed, a TTR that
 ran out), can upload a file twice but never count it twice. A failure counts once per entry,
 and is taken back if another run then uploads the entry. A failover that loses acknowledged
@@ -29,15 +29,14 @@ import redis.exceptions
 import structlog
 
 from uploader.config.settings import RedisConfig
-from uploader.finalwrite import LIST_LABEL, Closing, FinalWrite
-from uploader.finalwrite import State as State
-from uploader.ledger import Batch, Ledger
-from uploader.progresslua import APPLY_SCRIPT, scripted
 from uploader.redisio import Keys, text, until_done
 from uploader.source.base import Delivery
-from uploader.starts import Start, Starts
+from uploader.state.finish import LIST_LABEL, Closing, FinalWrite, State
+from uploader.state.ledger import Batch, Ledger
+from uploader.state.scripts import APPLY_SCRIPT, scripted
+from uploader.state.start import Start, Starts
 
-log = structlog.get_logger("uploader.progress")
+log = structlog.get_logger("uploader.state.progress")
 
 Outcome = Literal["uploaded", "skipped", "failed"]
 MAX_REASON = 500
@@ -117,13 +116,13 @@ class Progress:
         self._list_failed.discard(job_id)
 
     def start_lazily(self, job_id: str, total: int | None, delivery: Delivery | None) -> None:
-        """A run of a job that had no keys (opening.probe): nothing to reset or resume, so its
+        """A run of a job that had no keys (probe.py): nothing to reset or resume, so its
         start is written with its first outcomes, or by `ensure_started` before other writes."""
         self.starts.lazily(job_id, total, delivery)
         self._ledgers[job_id] = Ledger()
 
     async def start(self, job_id: str, total: int | None, delivery: Delivery | None = None) -> Start:
-        """START (see starts.py); the run's ledger begins."""
+        """START (see start.py); the run's ledger begins."""
         mode = await self.starts.start(job_id, total, delivery)
         self._ledgers[job_id] = Ledger()
         return mode

@@ -32,7 +32,7 @@ from uploader import __version__
 from uploader.clock import SYSTEM, Time
 from uploader.redisio import OUTAGE_ERRORS, Keys, text, until_done
 
-log = structlog.get_logger("uploader.heartbeat")
+log = structlog.get_logger("uploader.state.heartbeat")
 
 HEARTBEAT_INTERVAL = 5.0  # seconds between refreshes
 HEARTBEAT_TTL = 30.0  # seconds unseen after which a worker counts as dead

@@ -3,7 +3,7 @@ exists (its cancel flag included).
 
 Most job IDs are new: no run has left a hash, marks or reasons, so there is nothing to reset
 and nothing to resume. Such a run needs no START of its own: it begins on the page read here,
-and its start is written with its first outcomes (APPLY or CLOSE, see progresslua.py). Any
+and its start is written with its first outcomes (APPLY or CLOSE, see scripts.py). Any
 other job (a key of it exists, the list is empty or unreadable) takes the full way: START,
 which decides between a fresh run, a resumed one and a cancelled one.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from uploader.entries.manifest import Page
-from uploader.progresslua import Lua, call_script
 from uploader.redisio import Keys, is_cluster, until_done
+from uploader.state.scripts import Lua, call_script
 
 
 @dataclass(frozen=True, slots=True)
