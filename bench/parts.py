@@ -165,7 +165,7 @@ def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int)
             await store.close()
         return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(os.getpid()), "start_rss_mb": start_rss}
 
-    try:  # the daemon's loop (uploader/cli/command.py: run_async)
+    try:  # the daemon's loop (uploader/clicommon.py: run_async)
         import uvloop
 
         measured = uvloop.run(main())

@@ -14,12 +14,12 @@ import pytest
 
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Env, deep_merge, uploaded_at_least, wait_until
-from uploader.aimd import Aimd
 from uploader.config import settings as config_mod
 from uploader.config.settings import UploadConfig
 from uploader.errors import ConfigError, ThrottledError, TransientFileError
-from uploader.limits import Slots
 from uploader.metrics import Metrics
+from uploader.pipeline.aimd import Aimd
+from uploader.pipeline.limits import Slots
 
 
 class Clock:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from uploader.limits import ByteBudget, Slots
+from uploader.pipeline.limits import ByteBudget, Slots
 
 
 async def settle() -> None:

@@ -16,7 +16,7 @@ from uploader.config.settings import LimitsConfig, RateLimit
 from uploader.config.stores import LocalStoreConfig
 from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError
-from uploader.ratelimit import RateLimiter, TokenBucket
+from uploader.pipeline.ratelimit import RateLimiter, TokenBucket
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.local import LocalStore
 

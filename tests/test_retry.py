@@ -13,7 +13,7 @@ import pytest
 from uploader.clock import backoff_delays
 from uploader.config.settings import RetryConfig
 from uploader.errors import FileError, PermanentFileError, ThrottledError, TransientFileError
-from uploader.retry import RetryPolicy, classify
+from uploader.pipeline.retry import RetryPolicy, classify
 
 
 def take(n: int, base: float, cap: float, rand: float) -> list[float]:

@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from uploader.ring import Empty, Ring
+from uploader.pipeline.ring import Empty, Ring
 
 
 def queues(**sizes: int) -> dict[str, deque[str]]:

@@ -14,7 +14,7 @@ import structlog
 from tests.helpers import Env, HeldStore, local_store, wait_until
 from uploader.config.settings import RedisConfig
 from uploader.dev.servers import Server
-from uploader.jobs import QUICK_JOB
+from uploader.pipeline.jobs import QUICK_JOB
 from uploader.redisio import Keys
 from uploader.source.base import Delivery
 from uploader.source.beanstalkd.wire import Connection

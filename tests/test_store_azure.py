@@ -325,7 +325,7 @@ async def test_503_is_throttling_and_the_sdk_does_not_retry_it(
             await store.put(source, PutRequest("busy", "text/plain"))
     finally:
         await store.close()
-    assert azurite_proxy.count(lambda r: r.request.key == key) == 1  # retry.py decides, not the SDK
+    assert azurite_proxy.count(lambda r: r.request.key == key) == 1  # pipeline/retry.py decides, not the SDK
 
 
 async def test_missing_container_starts_and_its_check_names_it(connection: str, open_file: OpenFile) -> None:

@@ -20,7 +20,7 @@ from uploader.config.stores import S3StoreConfig
 from uploader.config.table import MiB
 from uploader.entries.files import Root, open_source
 from uploader.errors import TransientFileError
-from uploader.retry import RetryPolicy
+from uploader.pipeline.retry import RetryPolicy
 from uploader.stores.base import PutRequest, PutResult
 from uploader.stores.s3 import S3Store
 from uploader.stores.s3errors import DIGEST_CODES, classify_s3_error

@@ -9,9 +9,9 @@ import redis.asyncio as aioredis
 
 from uploader.config.settings import RedisConfig
 from uploader.metrics import Metrics
+from uploader.pipeline.tally import Result, Tally
 from uploader.redisio import Keys
 from uploader.state.progress import Counts, Progress
-from uploader.tally import Result, Tally
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -25,17 +25,17 @@ from uploader.clock import SYSTEM, Time
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
 from uploader.errors import ConfigError
-from uploader.health import Health, problem
-from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
-from uploader.scheduler import Scheduler
+from uploader.pipeline.health import Health, problem
+from uploader.pipeline.jobs import CompletionSink
+from uploader.pipeline.scheduler import Scheduler
+from uploader.pipeline.tally import Summary
 from uploader.source.beanstalkd.servers import ServerVerdicts
 from uploader.source.beanstalkd.source import Monitor, Source, connections_needed
 from uploader.source.beanstalkd.wire import Producer
 from uploader.state.heartbeat import Heartbeat, Report
 from uploader.state.progress import Progress
 from uploader.stores import Store, open_store
-from uploader.tally import Summary
 
 log = structlog.get_logger("uploader.daemon")
 

@@ -78,7 +78,7 @@ class UploadConfig:
     max_inflight_bytes: int = 256 * MiB
     allow_hard_links: bool = False
     default_content_type: str = "application/octet-stream"
-    # AIMD (uploader/aimd.py): cut the slots on store throttling, grow them back on success.
+    # AIMD (uploader/pipeline/aimd.py): cut the slots on store throttling, grow them back on success.
     adaptive: bool = True
     min_concurrency: int = 4
     decrease_factor: float = 0.5

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-log = structlog.get_logger("uploader.health")
+log = structlog.get_logger("uploader.pipeline.health")
 
 UNCHECKED = "not checked yet"
 

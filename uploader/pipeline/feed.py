@@ -19,12 +19,12 @@ from uploader.entries.files import Root
 from uploader.entries.manifest import BadEntry, Entry, Page, parse_entry
 from uploader.entries.walk import DirectoryExpander
 from uploader.errors import BadJobError
-from uploader.jobs import JobRun
+from uploader.pipeline.jobrun import JobRun
+from uploader.pipeline.tally import Result, Tally
 from uploader.redisio import Keys
 from uploader.state.progress import Progress
-from uploader.tally import Result, Tally
 
-log = structlog.get_logger("uploader.feed")
+log = structlog.get_logger("uploader.pipeline.feed")
 
 
 @dataclass(eq=False)

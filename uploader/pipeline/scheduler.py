@@ -16,27 +16,28 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
-from uploader.aimd import Aimd
 from uploader.clock import SYSTEM, Time, backoff_delays
 from uploader.config.settings import Config, UploadConfig
 from uploader.entries.manifest import Entry
 from uploader.errors import StoreUnavailableError
-from uploader.feed import Feeder
-from uploader.health import Health, problem
-from uploader.jobs import CompletionSink, JobRun, Jobs
-from uploader.limits import ByteBudget, Slots
 from uploader.metrics import Metrics
-from uploader.ratelimit import RateLimiter
+from uploader.pipeline.aimd import Aimd
+from uploader.pipeline.feed import Feeder
+from uploader.pipeline.health import Health, problem
+from uploader.pipeline.jobrun import JobRun
+from uploader.pipeline.jobs import CompletionSink, Jobs
+from uploader.pipeline.limits import ByteBudget, Slots
+from uploader.pipeline.ratelimit import RateLimiter
+from uploader.pipeline.retry import RetryPolicy
+from uploader.pipeline.ring import Empty
+from uploader.pipeline.tally import Result, Summary, Tally
+from uploader.pipeline.transfer import Transfer
 from uploader.redisio import Keys
-from uploader.retry import RetryPolicy
-from uploader.ring import Empty
 from uploader.source.beanstalkd.source import HeldJob, Source
 from uploader.state.progress import Progress
 from uploader.stores.base import Store
-from uploader.tally import Result, Summary, Tally
-from uploader.transfer import Transfer
 
-log = structlog.get_logger("uploader.scheduler")
+log = structlog.get_logger("uploader.pipeline.scheduler")
 
 STORE_PROBE_FIRST = 0.5  # seconds before the first re-check of a store that refused writes
 STORE_PROBE_CAP = 30.0  # seconds between checks at the most

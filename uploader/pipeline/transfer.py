@@ -12,19 +12,19 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from uploader.aimd import Aimd
 from uploader.config.settings import UploadConfig
 from uploader.entries.contenttype import ContentTypes
 from uploader.entries.files import Root, SourceFile, locate, open_source
 from uploader.entries.manifest import Entry, key_problem
 from uploader.errors import FileError, PermanentFileError, StoreUnavailableError
-from uploader.limits import ByteBudget
-from uploader.ratelimit import RateLimiter
-from uploader.retry import RetryPolicy
+from uploader.pipeline.aimd import Aimd
+from uploader.pipeline.limits import ByteBudget
+from uploader.pipeline.ratelimit import RateLimiter
+from uploader.pipeline.retry import RetryPolicy
+from uploader.pipeline.tally import Result, Tally
 from uploader.stores.base import PutRequest, PutResult, Store, already_stored
-from uploader.tally import Result, Tally
 
-log = structlog.get_logger("uploader.transfer")
+log = structlog.get_logger("uploader.pipeline.transfer")
 
 
 @dataclass(eq=False)

@@ -26,10 +26,10 @@ import structlog
 from uploader.clock import Clock
 from uploader.config.settings import UploadConfig
 from uploader.errors import FileError, ThrottledError
-from uploader.limits import Slots
 from uploader.metrics import Metrics
+from uploader.pipeline.limits import Slots
 
-log = structlog.get_logger("uploader.aimd")
+log = structlog.get_logger("uploader.pipeline.aimd")
 
 
 

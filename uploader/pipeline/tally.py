@@ -8,18 +8,15 @@ finish line), the Prometheus counters and the process summary (the `stopped` lin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
 from uploader.metrics import Metrics
+from uploader.pipeline.jobrun import JobRun
 from uploader.state.finish import State
 from uploader.state.progress import Counts, Outcome, Progress
 
-if TYPE_CHECKING:
-    from uploader.jobs import JobRun
-
-log = structlog.get_logger("uploader.tally")
+log = structlog.get_logger("uploader.pipeline.tally")
 
 
 @dataclass(frozen=True, slots=True)
