@@ -26,7 +26,6 @@ import pytest
 import structlog
 
 from tests.helpers import Env, deep_merge, hook_open, toml_text, wait_until, write_config
-from uploader import statuspage
 from uploader.cli import main as cli
 from uploader.config import settings as config_mod
 from uploader.config.settings import HttpConfig
@@ -34,6 +33,7 @@ from uploader.daemon import Daemon
 from uploader.dev.servers import free_port
 from uploader.errors import ConfigError
 from uploader.source.beanstalkd.wire import JobTooBig
+from uploader.web import statuspage
 
 # --- what a case expects -------------------------------------------------------------------
 

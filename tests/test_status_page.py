@@ -13,11 +13,11 @@ import pytest
 
 from tests.helpers import Env, HeldStore, get, listen, wait_until
 from tests.test_web import serving
-from uploader import fleet as fleet_mod
 from uploader.dev import servers as devservers
 from uploader.state import heartbeat as heartbeat_mod
 from uploader.state.heartbeat import Heartbeat, Report, info_key, throughput_key
 from uploader.stores.local import LocalStore
+from uploader.web import fleet as fleet_mod
 
 TOKEN = "page-token-1"
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import redis.asyncio as aioredis
 import structlog
 
-from uploader import logs, redisio, sdnotify, web
+from uploader import logs, redisio, sdnotify
 from uploader.clock import SYSTEM, Time
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
@@ -36,6 +36,7 @@ from uploader.source.beanstalkd.wire import Producer
 from uploader.state.heartbeat import Heartbeat, Report
 from uploader.state.progress import Progress
 from uploader.stores import Store, open_store
+from uploader.web import api as web
 
 log = structlog.get_logger("uploader.daemon")
 

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from uploader import actions
 from uploader.cli.command import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
 from uploader.config.settings import TUBE_NAME, Config
 from uploader.entries.manifest import JOB_ID, BadEntry, parse_entry
@@ -26,6 +25,7 @@ from uploader.redisio import Keys, text, text_map
 from uploader.source.beanstalkd import placement
 from uploader.source.beanstalkd.servers import connect, within
 from uploader.source.beanstalkd.wire import BeanstalkError, Connection, ConnectionLost, NotFound
+from uploader.web import actions
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -21,14 +21,14 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from uploader import actions
 from uploader.clock import SYSTEM, Time
 from uploader.entries.manifest import JOB_ID
-from uploader.fleet import Fleet, Listing
 from uploader.redisio import OUTAGE_ERRORS, Keys
 from uploader.source.beanstalkd.wire import BeanstalkError
+from uploader.web import actions
+from uploader.web.fleet import Fleet, Listing
 
-log = structlog.get_logger("uploader.statuspage")
+log = structlog.get_logger("uploader.web.statuspage")
 
 SESSION_COOKIE = "uploader_session"
 SESSION_AGE = 12 * 3600  # seconds a login lasts

@@ -20,13 +20,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from uploader import statuspage
 from uploader.entries.manifest import JOB_ID
 from uploader.errors import ConfigError
-from uploader.fleet import field_value
 from uploader.redisio import OUTAGE_ERRORS, Keys, text, text_map
+from uploader.web import statuspage
+from uploader.web.fleet import field_value
 
-log = structlog.get_logger("uploader.web")
+log = structlog.get_logger("uploader.web.api")
 
 PROBE_TIMEOUT = 0.9  # seconds per readiness probe; they run concurrently
 MAX_FAILURES = 100  # failure reasons returned by /jobs/{id}
