@@ -287,9 +287,10 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 def hook_open(
     monkeypatch: pytest.MonkeyPatch, target: Path, action: Callable[[], None], once: bool = False
 ) -> None:
-    """Run `action` just before the daemon opens `target`, whichever way `uploader.entries.files` opens
-    it (os.open, or openat2 beneath its root): after every check by name. An OSError that
-    `action` raises is that open's failure. With `once`, only the first open runs it."""
+    """Run `action` just before the daemon opens `target`, whichever way
+    `uploader.entries.files` opens it (os.open, or openat2 beneath its root): after every check
+    by name. An OSError that `action` raises is that open's failure. With `once`, only the first
+    open runs it."""
     done: list[bool] = []
 
     def fire() -> None:

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import redis.exceptions
 
-from uploader.cli import jobs as jobctl
+from uploader.cli import jobs
 from uploader.cli.command import (
     BUG,
     DEFAULT_CONFIG,
@@ -138,7 +138,7 @@ def _add_enqueue(sub: argparse._SubParsersAction[_Parser]) -> None:
     enqueue.add_argument("--ttr", type=_uint32, default=60)
     enqueue.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     enqueue.add_argument("paths", nargs="+")
-    enqueue.set_defaults(func=jobctl.cmd_enqueue)
+    enqueue.set_defaults(func=jobs.cmd_enqueue)
 
 
 def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -146,24 +146,24 @@ def _add_job_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     status = sub.add_parser("status", help="print a job's progress")
     status.add_argument("--config")
     status.add_argument("job")
-    status.set_defaults(func=jobctl.cmd_status)
+    status.set_defaults(func=jobs.cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job: pending files are skipped")
     cancel.add_argument("--config")
     cancel.add_argument("job")
-    cancel.set_defaults(func=jobctl.cmd_cancel)
+    cancel.set_defaults(func=jobs.cmd_cancel)
 
     failed = sub.add_parser("failed", help="list failed jobs, newest first, and buried counts per tube")
     failed.add_argument("--config")
     failed.add_argument("--tube", help="only this tube (default: every configured tube)")
     failed.add_argument("--limit", type=_positive, default=100, help="at most this many jobs (default 100)")
-    failed.set_defaults(func=jobctl.cmd_failed)
+    failed.set_defaults(func=jobs.cmd_failed)
 
     retry = sub.add_parser("retry", help="kick failed jobs back to ready")
     retry.add_argument("--config")
     retry.add_argument("--all", action="store_true", help="every buried job of every configured tube")
     retry.add_argument("jobs", nargs="*", metavar="ID")
-    retry.set_defaults(func=jobctl.cmd_retry)
+    retry.set_defaults(func=jobs.cmd_retry)
 
     from uploader.cli import recover as recover_mod
 

@@ -12,9 +12,10 @@ A job is stranded when
 - no live beanstalkd holds it in any state: every server that answers, configured or named
   in a hash, is looked at job by job (pipelined `peek`, newest first, until every job it holds
   was seen or SCAN_LIMIT IDs were read), and bodies that carry the job ID count as held.
-A stranded job's ID is put again by the enqueue rule (source/beanstalkd/placement.py) into its tube, and its
-hash says `queued` with a note and the new delivery, so running recover twice puts nothing
-twice. The re-delivered run resumes from the job's marks: no file uploaded twice.
+A stranded job's ID is put again by the enqueue rule (source/beanstalkd/placement.py) into
+its tube, and its hash says `queued` with a note and the new delivery, so running recover
+twice puts nothing twice. The re-delivered run resumes from the job's marks: no file uploaded
+twice.
 """
 
 from __future__ import annotations

@@ -73,12 +73,14 @@ class UploadConfig:
     key_template: str = "{job_id}/{relpath}"
     retry: RetryConfig = field(default_factory=RetryConfig)
     skip_existing: SkipExisting = "never"
-    # A manifest entry naming a directory uploads every regular file below it (uploader/entries/walk.py).
+    # A manifest entry naming a directory uploads every regular file below it
+    # (uploader/entries/walk.py).
     directories: bool = True
     max_inflight_bytes: int = 256 * MiB
     allow_hard_links: bool = False
     default_content_type: str = "application/octet-stream"
-    # AIMD (uploader/pipeline/aimd.py): cut the slots on store throttling, grow them back on success.
+    # AIMD (uploader/pipeline/aimd.py): cut the slots on store throttling, grow them back on
+    # success.
     adaptive: bool = True
     min_concurrency: int = 4
     decrease_factor: float = 0.5

@@ -28,7 +28,7 @@ from uploader.pipeline.tally import Tally
 from uploader.redisio import Keys
 from uploader.source.base import Delivery, ReservationLost
 from uploader.source.beanstalkd.source import HeldJob, Source
-from uploader.state import probe as opening
+from uploader.state import probe
 from uploader.state.cancels import CancelFlags
 from uploader.state.finish import State
 from uploader.state.heartbeat import hand_back
@@ -166,7 +166,7 @@ class Jobs:
         unreadable list, or a delivery that was cancelled before and stays so)."""
         held = run.held
         delivery = Delivery(held.address, held.id, held.put_at, held.tube)
-        head = await opening.probe(self.redis, self.keys, run.id, run.inline, self.page_size)
+        head = await probe.probe(self.redis, self.keys, run.id, run.inline, self.page_size)
         if head is not None:  # a new job: its start is written with its first outcomes
             run.total = head.total if head.total is not None else await run.manifest.length()
             run.manifest.prime(head.page)

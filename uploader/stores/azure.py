@@ -3,8 +3,9 @@
 Block blobs: files below `block_threshold` go up in one Put Blob; bigger ones as staged
 blocks of `part_size`, `part_concurrency` at a time, then one Put Block List. Every request
 that carries file bytes carries their MD5 (`Content-MD5`), so the service refuses a body
-changed on the way, and that refusal is retried. The SDK's own retries are off: `pipeline/retry.py`
-decides, from what `azureerrors.classify_azure_error` translates here, at the boundary.
+changed on the way, and that refusal is retried. The SDK's own retries are off:
+`pipeline/retry.py` decides, from what `azureerrors.classify_azure_error` translates here, at
+the boundary.
 Uncommitted blocks of a failed upload need no abort: Azure drops them on the blob's next
 commit, or after a week.
 """
