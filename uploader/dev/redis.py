@@ -26,7 +26,7 @@ from uploader.dev.servers import Server, free_port, require
 T = TypeVar("T")
 SLOTS = 16384
 SERVICE = "mymaster"
-# What a client sees while a master is gone or just demoted (see test_redis_servers.py).
+# What a client sees while a master is gone or just demoted (see tests/dev/test_redis_servers.py).
 FAILOVER_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,

@@ -31,7 +31,7 @@ from tests.helpers import Daemons, Env, notify_socket, toml_text, uploaded, wait
 from uploader.dev.servers import free_port
 from uploader.source.beanstalkd.wire import NotFound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "uploader.service"
 README = ROOT / "README.md"
 

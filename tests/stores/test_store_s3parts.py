@@ -11,7 +11,7 @@ import pytest
 
 from tests.faultproxy import FaultProxy, Record, Rule
 from tests.helpers import OpenFile
-from tests.test_store_s3 import make_config, uploads_in_progress
+from tests.stores.test_store_s3 import make_config, uploads_in_progress
 from uploader.config.table import MiB
 from uploader.errors import ThrottledError
 from uploader.stores.base import PutRequest

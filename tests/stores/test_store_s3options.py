@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import OpenFile
-from tests.test_store_s3 import make_config
+from tests.stores.test_store_s3 import make_config
 from uploader.config import settings as config
 from uploader.config.objectfields import ObjectFields, entry_fields
 from uploader.config.table import MiB

@@ -1,5 +1,5 @@
 """The fleet's status page over HTTP (its data, its login, its actions), in-process daemons
-against the session's real servers; tests/test_browser.py renders it in Chromium."""
+against the session's real servers; tests/web/test_browser.py renders it in Chromium."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.helpers import Env, HeldStore, get, listen, wait_until
-from tests.test_web import serving
+from tests.web.test_web import serving
 from uploader.dev import servers as devservers
 from uploader.state import heartbeat as heartbeat_mod
 from uploader.state.heartbeat import Heartbeat, Report, info_key, throughput_key

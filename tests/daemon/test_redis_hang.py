@@ -22,9 +22,9 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
+from tests.daemon.test_chaos import TOKEN, assert_all_landed, chaos_config, wait_final_through_outage
 from tests.faultproxy import FaultProxy, Rule
 from tests.helpers import Daemons, Env, get, on_private_redis, uploaded_at_least, wait_until
-from tests.test_chaos import TOKEN, assert_all_landed, chaos_config, wait_final_through_outage
 from uploader import redisio
 from uploader.config.settings import RedisConfig
 from uploader.dev import servers as devservers

@@ -16,7 +16,7 @@ from uploader.config import settings as config
 from uploader.config.settings import Config, RetryConfig, Tube
 from uploader.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "config" / "uploader.toml"
 
 # The operator's config block of the producer contract, as deployment tooling writes it.

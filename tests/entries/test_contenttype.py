@@ -17,7 +17,7 @@ from uploader.entries import contenttype
 from uploader.entries.contenttype import ContentTypes
 from uploader.entries.mimetable import CODINGS, COMPRESSED
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
