@@ -1,6 +1,6 @@
 """Shared machinery for the benchmarks: servers, file trees, jobs, timed daemons and peers.
 
-Everything runs on loopback: beanstalkd and redis-server from `uploader.devservers`, an S3
+Everything runs on loopback: beanstalkd and redis-server from `uploader.dev.servers`, an S3
 endpoint from `rclone serve s3` over a tmpfs directory. Each measured program runs as its own
 process, so its CPU time and peak RSS are its own, read from /proc when it ends.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from uploader.beanstalk import Connection
-from uploader.devservers import Server, await_completions, free_port, wait_for_port
+from uploader.dev.servers import Server, await_completions, free_port, wait_for_port
+from uploader.source.beanstalkd.wire import Connection
 
 REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "benchaccesskey"
@@ -363,7 +363,7 @@ class DaemonProc:
         self.config_path = os.path.join(workdir, f"uploader-{free_port()}.toml")
         Path(self.config_path).write_text(config_text)
         self.log_path = self.config_path + ".log"
-        module = "bench.nulld" if null_store else "uploader.cli"
+        module = "bench.nulld" if null_store else "uploader.cli.main"
         self.argv = [sys.executable, "-m", module, "run", "--config", self.config_path]
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0

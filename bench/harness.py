@@ -32,7 +32,7 @@ from bench.common import (
     make_tree,
     run_jobs,
 )
-from uploader import devservers
+from uploader.dev import servers as devservers
 
 OUT = REPO / "bench" / "out"
 GiB = 1 << 30

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from uploader import config as config_mod
 from uploader import logs
+from uploader.config import settings as config_mod
 from uploader.daemon import Daemon
-from uploader.files import SourceFile
+from uploader.entries.files import SourceFile
 from uploader.stores.base import PutRequest, PutResult, StoredObject
 
 

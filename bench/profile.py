@@ -47,7 +47,7 @@ def summarise(path: str, top: int = 25) -> str:
 
 
 def _short(frame: str) -> str:
-    """`run (uploader/scheduler.py:123)` -> `scheduler.py:run`; event-loop plumbing dropped."""
+    """`run (uploader/pipeline/scheduler.py:123)` -> `scheduler.py:run`; event-loop plumbing dropped."""
     name, _, where = frame.partition(" (")
     file = where.split(":")[0]
     short = "/".join(file.split("/")[-2:]) if "site-packages" in file or "uploader" in file else file

@@ -27,7 +27,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
 
-# Azurite, the Azure Blob emulator the tests run (uploader/devservers.py looks for it here).
+# Azurite, the Azure Blob emulator the tests run (uploader/dev/servers.py looks for it here).
 azurite_cache="${UPLOADER_TEST_CACHE:-$HOME/.cache/uploader-test}/azurite"
 if [ ! -x "$azurite_cache/node_modules/.bin/azurite-blob" ]; then
   echo "setup: installing azurite into $azurite_cache"

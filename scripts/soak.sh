@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-exec "$PY" -m pytest -m slow tests/test_chaos.py -k soak -s "$@"
+exec "$PY" -m pytest -m slow tests/daemon/test_chaos.py -k soak -s "$@"

@@ -19,10 +19,11 @@ from moto.server import ThreadedMotoServer
 from tests.faultproxy import FaultProxy
 from tests.helpers import CREDS, REGION, Daemons, Env, OpenFile
 from tests.rclones3 import RcloneS3, rclone_binary
-from uploader import devredis, devservers
-from uploader.devredis import RedisCluster, RedisSentinel
-from uploader.devservers import Server
-from uploader.files import Root, SourceFile, locate, open_source
+from uploader.dev import redis as devredis
+from uploader.dev import servers as devservers
+from uploader.dev.redis import RedisCluster, RedisSentinel
+from uploader.dev.servers import Server
+from uploader.entries.files import Root, SourceFile, locate, open_source
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,7 @@ def redis_server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
-    """Three cluster masters sharing the 16384 slots (`uploader/devredis.py`). Shared: tests may
+    """Three cluster masters sharing the 16384 slots (`uploader/dev/redis.py`). Shared: tests may
     move slots, so look up a key's node (`node_for`) rather than assume the initial layout."""
     cluster = devredis.redis_cluster()
     yield cluster

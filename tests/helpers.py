@@ -26,16 +26,17 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from uploader import config as config_mod
-from uploader import devservers
-from uploader import files as files_mod
-from uploader.beanstalk import Connection
-from uploader.config import Config, LocalStoreConfig
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
+from uploader.config.stores import LocalStoreConfig
 from uploader.daemon import Daemon
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
+from uploader.entries import files as files_mod
+from uploader.entries.files import SourceFile
 from uploader.errors import PermanentFileError, TransientFileError
-from uploader.files import SourceFile
 from uploader.redisio import Keys, text_map
+from uploader.source.beanstalkd.wire import Connection
 from uploader.stores.base import PutRequest, PutResult, Store, StoredObject
 from uploader.stores.local import LocalStore
 
@@ -286,9 +287,10 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 def hook_open(
     monkeypatch: pytest.MonkeyPatch, target: Path, action: Callable[[], None], once: bool = False
 ) -> None:
-    """Run `action` just before the daemon opens `target`, whichever way `uploader.files` opens
-    it (os.open, or openat2 beneath its root): after every check by name. An OSError that
-    `action` raises is that open's failure. With `once`, only the first open runs it."""
+    """Run `action` just before the daemon opens `target`, whichever way
+    `uploader.entries.files` opens it (os.open, or openat2 beneath its root): after every check
+    by name. An OSError that `action` raises is that open's failure. With `once`, only the first
+    open runs it."""
     done: list[bool] = []
 
     def fire() -> None:
@@ -484,7 +486,7 @@ async def get(session: aiohttp.ClientSession, url: str, token: str = "") -> tupl
 
 
 class DaemonProcess:
-    """One `python -m uploader.cli run --config FILE` process, stdout and stderr (its JSON log
+    """One `python -m uploader.cli.main run --config FILE` process, stdout and stderr (its JSON log
     lines, its one-line startup failures) in a log file of its own. `extra_env` adds to the
     environment, e.g. NOTIFY_SOCKET for sd_notify. Control it from sync code (`stop`, `kill`)
     or async code (`wait`, `wait_event`); `returncode` is the exit status once it is known."""
@@ -499,7 +501,7 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "uploader.cli.main", "run", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO), **self.extra_env},
             )
@@ -628,9 +630,9 @@ def notify_socket() -> Iterator[tuple[str, list[str]]]:
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
-    """`python -m uploader.cli ARGS...`: exit status, stdout, stderr."""
+    """`python -m uploader.cli.main ARGS...`: exit status, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uploader.cli", *args, cwd=REPO,
+        sys.executable, "-m", "uploader.cli.main", *args, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

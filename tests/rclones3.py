@@ -18,7 +18,7 @@ from typing import Any
 
 import boto3
 
-from uploader.devservers import free_port, wait_for_port
+from uploader.dev.servers import free_port, wait_for_port
 
 RCLONE_KEY, RCLONE_SECRET = "leanaccesskey", "leansecretkey"
 REGION = "us-east-1"

@@ -20,22 +20,23 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import redis.asyncio as aioredis
 import structlog
 
-from uploader import config as config_mod
-from uploader import logs, redisio, sdnotify, web
-from uploader.beanstalk import Producer
+from uploader import logs, redisio, sdnotify
 from uploader.clock import SYSTEM, Time
-from uploader.config import Config
+from uploader.config import settings as config_mod
+from uploader.config.settings import Config
 from uploader.errors import ConfigError
-from uploader.health import Health, problem
-from uploader.heartbeat import Heartbeat, Report
-from uploader.jobs import CompletionSink
 from uploader.metrics import Metrics
-from uploader.progress import Progress
-from uploader.scheduler import Scheduler
-from uploader.servers import Servers
-from uploader.source import Monitor, Source, connections_needed
+from uploader.pipeline.health import Health, problem
+from uploader.pipeline.jobs import CompletionSink
+from uploader.pipeline.scheduler import Scheduler
+from uploader.pipeline.tally import Summary
+from uploader.source.beanstalkd.servers import ServerVerdicts
+from uploader.source.beanstalkd.source import Monitor, Source, connections_needed
+from uploader.source.beanstalkd.wire import Producer
+from uploader.state.heartbeat import Heartbeat, Report
+from uploader.state.progress import Progress
 from uploader.stores import Store, open_store
-from uploader.tally import Summary
+from uploader.web import api as web
 
 log = structlog.get_logger("uploader.daemon")
 
@@ -68,7 +69,7 @@ class Daemon:
         # Nothing is reserved before Redis and the store are proven to answer.
         self.health = Health("redis", "store", on_change=self._health_changed)
         addresses = config.source.addresses
-        self.servers = Servers(addresses, on_change=self._source_changed)
+        self.servers = ServerVerdicts(addresses, on_change=self._source_changed)
         for address in addresses:
             self.metrics.source_up.labels(address).set(0)
         self.source = Source(config.source, time, self.servers)

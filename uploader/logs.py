@@ -7,7 +7,7 @@ import sys
 
 import structlog
 
-from uploader.config import LogFormat, LogLevel
+from uploader.config.settings import LogFormat, LogLevel
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

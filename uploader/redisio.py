@@ -23,8 +23,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from uploader.config import RedisConfig, mask_url
-from uploader.retry import backoff_delays
+from uploader.clock import backoff_delays
+from uploader.config.settings import RedisConfig
+from uploader.config.table import mask_url
 
 T = TypeVar("T")
 log = structlog.get_logger("uploader.redis")
@@ -100,7 +101,7 @@ class Keys:
 
     def legacy(self, job_id: str) -> tuple[str, ...]:
         """Names versions before 0.5 used for `internal` (same order), then the `applied` hash
-        they wrote: renamed on a job's next start (see progress._START), deleted by `enqueue`."""
+        they wrote: renamed on a job's next start (see state/start.py), deleted by `enqueue`."""
         p = f"{self.prefix}job:{job_id}"
         return f"{p}:done", f"{p}:walk", f"{p}:failing", f"{p}:applied"
 

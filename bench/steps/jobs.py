@@ -49,9 +49,9 @@ from bench.common import (
     put_ids,
 )
 from bench.rediscost import CountingProxy, InfoReader, proxy_delta, redis_delta
-from uploader import devservers
-from uploader.beanstalk import Connection
-from uploader.devservers import Server
+from uploader.dev import servers as devservers
+from uploader.dev.servers import Server
+from uploader.source.beanstalkd.wire import Connection
 
 if TYPE_CHECKING:
     from bench.harness import Bench

@@ -25,8 +25,8 @@ import boto3
 
 from bench.common import ACCESS_KEY, REPO, SECRET_KEY, TMPFS, make_big_file, median, peak_rss_mb
 from tests.faultproxy import FaultProxy, Rule
-from uploader import devservers
-from uploader.devservers import free_port, wait_for_port
+from uploader.dev import servers as devservers
+from uploader.dev.servers import free_port, wait_for_port
 
 if TYPE_CHECKING:
     from bench.harness import Bench
@@ -152,7 +152,7 @@ class PartsBench:
 
 def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int) -> None:
     """One put of `path` by a started store, timed; prints one JSON line."""
-    from uploader.files import Root, open_source
+    from uploader.entries.files import Root, open_source
     from uploader.stores.base import PutRequest
 
     store = _store(kind, endpoint, part_concurrency)
@@ -169,7 +169,7 @@ def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int)
             await store.close()
         return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(os.getpid()), "start_rss_mb": start_rss}
 
-    try:  # the daemon's loop (uploader/clicommon.py: run_async)
+    try:  # the daemon's loop (uploader/cli/command.py: run_async)
         import uvloop
 
         measured = uvloop.run(main())
@@ -180,13 +180,13 @@ def upload(kind: str, endpoint: str, path: str, key: str, part_concurrency: int)
 
 def _store(kind: str, endpoint: str, part_concurrency: int) -> Any:
     if kind == "azure":
-        from uploader.azureconfig import AzureStoreConfig
+        from uploader.config.stores import AzureStoreConfig
         from uploader.stores.azure import AzureStore
 
         return AzureStore(AzureStoreConfig(
             container=BUCKET, connection_string=devservers.azurite_connection_string(endpoint),
             part_concurrency=part_concurrency, timeout=120.0), concurrency=4)
-    from uploader.config import S3StoreConfig
+    from uploader.config.stores import S3StoreConfig
     from uploader.stores.s3 import S3Store
 
     return S3Store(S3StoreConfig(

@@ -14,7 +14,7 @@ from typing import Any
 from bench.common import DaemonProc, daemon_origin, log_stamp, make_tree, median, push_lists, put_ids
 from bench.harness import Bench, top_calls
 from bench.rediscost import CountingProxy, Info, InfoReader, ProxyStats, redis_delta
-from uploader import devservers
+from uploader.dev import servers as devservers
 
 REDIS_WORKLOADS = ((1, 10_000), (100, 300), (500, 1))
 

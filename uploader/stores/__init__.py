@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uploader.config import StoreConfig
+from uploader.config.stores import StoreConfig
 from uploader.stores.base import PutRequest, PutResult, Store
 
 __all__ = ["PutRequest", "PutResult", "Store", "open_store"]

@@ -3,8 +3,9 @@
 Block blobs: files below `block_threshold` go up in one Put Blob; bigger ones as staged
 blocks of `part_size`, `part_concurrency` at a time, then one Put Block List. Every request
 that carries file bytes carries their MD5 (`Content-MD5`), so the service refuses a body
-changed on the way, and that refusal is retried. The SDK's own retries are off: `retry.py`
-decides, from what `azureerrors.classify_azure_error` translates here, at the boundary.
+changed on the way, and that refusal is retried. The SDK's own retries are off:
+`pipeline/retry.py` decides, from what `azureerrors.classify_azure_error` translates here, at
+the boundary.
 Uncommitted blocks of a failed upload need no abort: Azure drops them on the blob's next
 commit, or after a week. A commit refused with InvalidBlockList after every block was
 acknowledged (a block not yet recorded, or dropped by another writer's commit) is not the
@@ -32,9 +33,9 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import BlobBlock, BlobType, ContentSettings
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
-from uploader.azureconfig import AzureStoreConfig
+from uploader.config.stores import AzureStoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError, PermanentFileError, TransientFileError
-from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.azureerrors import (
     OUTAGE_CODES,

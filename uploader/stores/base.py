@@ -12,10 +12,10 @@ from typing import Literal, Protocol
 import aiohttp
 import structlog
 
-from uploader.config import SkipExisting
+from uploader.config.settings import SkipExisting
+from uploader.entries.files import SourceFile
+from uploader.entries.manifest import key_problem
 from uploader.errors import InfrastructureError, PermanentFileError, TransientFileError, UploaderError
-from uploader.files import SourceFile
-from uploader.manifest import key_problem
 
 log = structlog.get_logger("uploader.stores")
 
@@ -40,10 +40,10 @@ class PutRequest:
     if_absent: bool = False
     # Record the content's SHA-256 with the object (SHA256_META), for skip_existing checks.
     checksum: bool = False
-    # Content-Encoding (`gzip` for `a.css.gz`, uploader/contenttype.py); stores that speak
+    # Content-Encoding (`gzip` for `a.css.gz`, uploader/entries/contenttype.py); stores that speak
     # HTTP send it, None: none sent.
     content_encoding: str | None = None
-    # The entry's own object fields (uploader/objectfields.py); None: the store's setting.
+    # The entry's own object fields (uploader/config/objectfields.py); None: the store's setting.
     cache_control: str | None = None
     content_disposition: str | None = None
     tagging: tuple[tuple[str, str], ...] | None = None

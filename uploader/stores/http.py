@@ -18,7 +18,8 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from uploader.config import HttpStoreConfig
+from uploader.config.stores import HttpStoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import (
     FileError,
     InfrastructureError,
@@ -27,7 +28,6 @@ from uploader.errors import (
     ThrottledError,
     TransientFileError,
 )
-from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
 

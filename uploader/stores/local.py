@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
-from uploader.config import LocalStoreConfig
+from uploader.config.stores import LocalStoreConfig
+from uploader.entries.files import INLINE_READ_LIMIT, SourceFile, is_under, opened_path
 from uploader.errors import (
     ConfigError,
     FileError,
@@ -31,7 +32,6 @@ from uploader.errors import (
     StoreUnavailableError,
     TransientFileError,
 )
-from uploader.files import INLINE_READ_LIMIT, SourceFile, is_under, opened_path
 from uploader.stores.base import PutRequest, PutResult, StoredObject, checked_key, translated
 from uploader.stores.localsync import Cancelled, GroupCommit, Staged
 
@@ -43,9 +43,10 @@ CHUNK = 8 * 1024 * 1024
 # wait on the disk, and the loop's default pool is kept.
 NO_FSYNC_THREADS = 1
 # A put of a file up to this size copies into its temporary file on the event loop, like the
-# small reads of `files.py`: ~15 syscalls that never wait on the disk cost less there than the
-# GIL hand-offs of a thread hop (tmpfs, 2 cores, whole daemon: 6,400 -> 13,500 files/s
-# unpinned). With fsync on, only the copy runs there: the fsyncs wait in the batch's thread.
+# small reads of `entries/files.py`: ~15 syscalls that never wait on the disk cost less there
+# than the GIL hand-offs of a thread hop (tmpfs, 2 cores, whole daemon: 6,400 -> 13,500
+# files/s unpinned). With fsync on, only the copy runs there: the fsyncs wait in the batch's
+# thread.
 INLINE_PUT_LIMIT = INLINE_READ_LIMIT
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

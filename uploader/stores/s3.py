@@ -3,8 +3,8 @@
 Small files go up in one PutObject; files from `multipart_threshold` up go part by part,
 `part_concurrency` parts in flight (`s3parts.py`), and an unfinished multipart upload is always
 aborted. Every body carries its Content-MD5: S3 stores nothing it did not receive intact.
-botocore's own retries are off: `retry.py` decides what is retried, from the errors that
-`classify_s3_error` (`s3errors.py`) translates at the boundary (`base.translated`). The
+botocore's own retries are off: `pipeline/retry.py` decides what is retried, from the errors
+that `classify_s3_error` (`s3errors.py`) translates at the boundary (`base.translated`). The
 store's and the entry's object options (`s3objects.py`) go with every PutObject and
 CreateMultipartUpload, on the lean path as signed headers.
 """
@@ -23,9 +23,9 @@ from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-from uploader.config import S3StoreConfig
+from uploader.config.stores import S3StoreConfig
+from uploader.entries.files import SourceFile
 from uploader.errors import ConfigError
-from uploader.files import SourceFile
 from uploader.stores import base
 from uploader.stores.base import SHA256_META, PutRequest, PutResult, StoredObject, file_digest
 from uploader.stores.s3errors import (
@@ -57,7 +57,8 @@ def object_name(prefix: str, key: str) -> str:
 
 
 def boto_config(config: S3StoreConfig, concurrency: int) -> BotoConfig:
-    """botocore with its own retries off (`retry.py` decides) and a pool for every upload slot."""
+    """botocore with its own retries off (`pipeline/retry.py` decides) and a pool for every
+    upload slot."""
     return BotoConfig(
         # A socket for every upload slot, and for one big file's extra parts on top.
         max_pool_connections=max(10, concurrency + config.part_concurrency),

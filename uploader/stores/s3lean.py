@@ -9,7 +9,7 @@ everything else (multipart, HEAD, bucket checks, region redirects) to aioboto3.
 The address comes from botocore itself (a presigned URL, so custom endpoints and addressing
 styles resolve as they would there); credentials come from botocore's own chain (refreshable
 ones are re-read when they near expiry). The signer is checked against botocore's in
-tests/test_store_s3lean.py.
+tests/stores/test_store_s3lean.py.
 """
 
 from __future__ import annotations

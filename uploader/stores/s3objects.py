@@ -9,8 +9,8 @@ import base64
 import hashlib
 from typing import Any
 
-from uploader.config import S3StoreConfig
-from uploader.objectfields import tagging_header
+from uploader.config.objectfields import tagging_header
+from uploader.config.stores import S3StoreConfig
 from uploader.stores.base import PutRequest
 
 # Bodies up to this size are hashed on the loop; bigger ones in a thread (hashlib frees the GIL).

@@ -25,8 +25,8 @@ from typing import Any
 import botocore.exceptions
 import structlog
 
+from uploader.entries.files import SourceFile
 from uploader.errors import TransientFileError
-from uploader.files import SourceFile
 from uploader.stores.s3errors import client_error_parts
 from uploader.stores.s3objects import content_md5
 

@@ -1,0 +1,1 @@
+"""The TOML config file into frozen dataclasses, validated once at load: settings, stores, tables."""
