@@ -45,22 +45,17 @@ def imported(path: Path) -> set[str]:
     return found
 
 
-def beanstalk_names(path: Path) -> set[str]:
-    return {
-        alias.name
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module == "uploader.source.beanstalkd.wire"
-        for alias in node.names
-    }
+DAEMON_SIDE = sorted(
+    [PACKAGE / "daemon.py", *(PACKAGE / "pipeline").glob("*.py"), *(PACKAGE / "state").glob("*.py")]
+)
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "pipeline").glob("*.py")), ids=lambda p: p.name)
-def test_past_the_source_nothing_speaks_beanstalkd(path: Path) -> None:
-    assert "uploader.source.beanstalkd.wire" not in imported(path)
-
-
-def test_the_daemon_takes_only_the_completion_producer_from_the_client() -> None:
-    assert beanstalk_names(PACKAGE / "daemon.py") == {"Producer"}
+@pytest.mark.parametrize("path", DAEMON_SIDE, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_daemon_and_the_pipeline_speak_only_the_source_protocol(path: Path) -> None:
+    """Whatever the broker, the daemon, the pipeline and a job's state see `source.base` (and
+    `open_source`): no module of a broker's own."""
+    brokers = {m for m in imported(path) if m.startswith("uploader.source.") and m != "uploader.source.base"}
+    assert not brokers
 
 
 def test_the_ring_is_pure() -> None:

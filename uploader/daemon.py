@@ -27,12 +27,10 @@ from uploader.config.settings import Config
 from uploader.errors import ConfigError
 from uploader.metrics import Metrics
 from uploader.pipeline.health import Health, problem
-from uploader.pipeline.jobs import CompletionSink
 from uploader.pipeline.scheduler import Scheduler
 from uploader.pipeline.tally import Summary
-from uploader.source.beanstalkd.servers import ServerVerdicts
-from uploader.source.beanstalkd.source import Monitor, Source, connections_needed
-from uploader.source.beanstalkd.wire import Producer
+from uploader.source import open_source
+from uploader.source.base import Source
 from uploader.state.heartbeat import Heartbeat, Report
 from uploader.state.progress import Progress
 from uploader.stores import Store, open_store
@@ -44,7 +42,6 @@ STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when no watchdog asks f
 READY_POLL = 0.5  # seconds between dependency checks before READY=1
 TUBE_STATS_INTERVAL = 5.0  # seconds between stats-tube polls for uploader_tube_ready_jobs
 REDIS_CHECK_INTERVAL = 1.0  # seconds between PINGs that decide whether jobs are reserved
-SOURCE_CHECK_INTERVAL = 1.0  # seconds between probes of every beanstalkd (uploader_source_up)
 
 
 class Daemon:
@@ -68,21 +65,14 @@ class Daemon:
         self.progress = Progress(self.redis, self.keys, config.redis, self.worker)
         # Nothing is reserved before Redis and the store are proven to answer.
         self.health = Health("redis", "store", on_change=self._health_changed)
-        addresses = config.source.addresses
-        self.servers = ServerVerdicts(addresses, on_change=self._source_changed)
-        for address in addresses:
+        for address in config.source.addresses:
             self.metrics.source_up.labels(address).set(0)
-        self.source = Source(config.source, time, self.servers)
-        # Under the API's own probe timeout, so a dead server is named rather than timed out.
-        self.monitor = Monitor(addresses, tuple(t.name for t in config.source.tubes),
-                               web.PROBE_TIMEOUT * 0.8, self.servers)
-        completion_tube = config.source.completion_tube
-        self.producer = Producer(addresses, completion_tube, self.servers.up) if completion_tube else None
-        completions = CompletionSink(self.progress, self._announce if self.producer else None)
+        # Probes under the API's own timeout, so a dead server is named rather than timed out.
+        self.source: Source = open_source(config.source, web.PROBE_TIMEOUT * 0.8, time, self._source_changed)
         self.heartbeat = Heartbeat(self.redis, self.keys, self.worker, time, report=lambda: worker_report(
             self.scheduler, draining=self.stop.is_set(), paused=tuple(self.health.reasons())))
         self.scheduler = Scheduler(config, self.source, self.store, self.redis, self.progress, self.metrics,
-                                   completions, health=self.health, time=time, worker=self.worker)
+                                   health=self.health, time=time, worker=self.worker)
         self.notifier = sdnotify.Notifier()
         self.api = self._api()
         self.http = (
@@ -96,14 +86,14 @@ class Daemon:
     def _api(self) -> web.Api:
         return web.Api(
             registry=self.metrics.registry,
-            probes={"beanstalkd": self.monitor.ping, "redis": self._ping_redis, "store": self.store.check},
+            probes={"beanstalkd": self.source.ping, "redis": self._ping_redis, "store": self.store.check},
             active_jobs=self.active_jobs,
             draining=self.stop.is_set,
             paused=self.health.reasons,
             redis=self.probe_redis,
             keys=self.keys,
             token=self.config.http.token,
-            sources=self.servers.view,
+            sources=self.source.servers,
             cancel_ttl=self.config.redis.progress_ttl,
         )
 
@@ -135,8 +125,7 @@ class Daemon:
             concurrency=self.config.upload.concurrency,
             store=self.config.store.kind,
             http=self.config.http.listen or None,
-            beanstalkd=list(self.config.source.addresses),
-            connections_per_beanstalkd=connections_needed(self.config.source),
+            **self.source.describe(),
         )
 
     @contextlib.asynccontextmanager
@@ -147,9 +136,9 @@ class Daemon:
             side = [
                 tg.create_task(self._announce_ready(), name="ready"),
                 tg.create_task(self._tick(), name="status tick"),
-                tg.create_task(poll_tubes(self.monitor, self.metrics, self.time), name="tube stats"),
+                tg.create_task(poll_tubes(self.source, self.metrics, self.time), name="tube stats"),
                 tg.create_task(watch_redis(self.probe_redis, self.health, self.time), name="redis check"),
-                tg.create_task(watch_sources(self.monitor, self.time), name="beanstalkd check"),
+                tg.create_task(self.source.watch(), name="source check"),
                 tg.create_task(self.heartbeat.run(), name="heartbeat"),
             ]
             try:
@@ -162,9 +151,6 @@ class Daemon:
         await self.heartbeat.leave()
         if self.http is not None:
             await self.http.stop()
-        if self.producer is not None:
-            await self.producer.close()
-        await self.monitor.close()
         await self.source.close()
         await self.store.close()
         await self.redis.aclose()
@@ -222,12 +208,12 @@ class Daemon:
     async def _announce_ready(self) -> None:
         """READY=1 once Redis, the store and at least one beanstalkd answer; until then STATUS
         says what is missing."""
-        probes: dict[str, web.Probe] = {"beanstalkd": self.monitor.ping}
+        probes: dict[str, web.Probe] = {"beanstalkd": self.source.ping}
         warned = False
         while not self.stop.is_set():
             problems = {k: v for k, v in (await web.probe_all(probes)).items() if v is not None}
             problems.update(self.health.reasons())
-            if self.health.unchecked() or self.servers.unchecked():  # verdicts are moments away
+            if self.health.unchecked() or self.source.unchecked():  # verdicts are moments away
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(READY_POLL):
                         await self.health.wait_change()
@@ -265,11 +251,6 @@ class Daemon:
         if self.ready and not self.stop.is_set():
             self.notifier.status(self._status_text())
 
-    async def _announce(self, body: bytes, address: str) -> int:
-        """A completion message, to the server that held the job while it answers."""
-        assert self.producer is not None
-        return await self.producer.put(body, prefer=address)
-
     def _health_changed(self) -> None:
         """Say at once why work stopped or that it goes on: systemd's STATUS= line, a gauge."""
         down = self.health.reasons()
@@ -288,7 +269,7 @@ class Daemon:
         text = f"{len(now.jobs)} active jobs, {now.inflight} uploads in flight"
         if not self.health.ok:
             text = f"taking no work: {self.health.describe()}; {text}"
-        down = self.servers.failing()
+        down = self.source.failing()
         if down:
             text = f"{text}; beanstalkd down: {', '.join(down)}"
         return text if rate is None else f"{text}, {rate:.1f} files/s"
@@ -331,12 +312,12 @@ def worker_report(scheduler: Scheduler, draining: bool, paused: tuple[str, ...])
 # --- side tasks: they log and carry on, never end the daemon ---
 
 
-async def poll_tubes(monitor: Monitor, metrics: Metrics, time: Time) -> None:
+async def poll_tubes(source: Source, metrics: Metrics, time: Time) -> None:
     """Fill uploader_tube_ready_jobs{tube}: how much work waits, for dashboards and scaling."""
     while True:
         try:
             async with asyncio.timeout(max(1.0, TUBE_STATS_INTERVAL)):
-                counts = await monitor.ready_jobs()
+                counts = await source.backlog()
             for tube, ready in counts.items():
                 metrics.tube_ready.labels(tube).set(ready)
         except Exception as exc:  # noqa: BLE001 - a metric is never worth stopping the daemon for
@@ -350,12 +331,3 @@ async def watch_redis(redis: aioredis.Redis, health: Health, time: Time) -> None
     while True:
         health.judge("redis", await problem(lambda: redisio.writable(redis), web.PROBE_TIMEOUT))
         await time.sleep(REDIS_CHECK_INTERVAL)
-
-
-async def watch_sources(monitor: Monitor, time: Time) -> None:
-    """Probe every beanstalkd each SOURCE_CHECK_INTERVAL: uploader_source_up, /readyz and
-    STATUS= follow (the Source reports its own connections as it goes)."""
-    while True:
-        with contextlib.suppress(Exception):  # the verdicts are recorded; none is all-down
-            await monitor.ping()
-        await time.sleep(SOURCE_CHECK_INTERVAL)

@@ -62,7 +62,7 @@ async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out
             await wait_until(lambda: _at_least(penv, on_second, 10), 30, "the second server's jobs under way")
             assert await total_uploaded(penv, on_second) < 3 * FILES_PER_JOB, "too late to kill mid-run"
             second.stop(kill=True)
-            await wait_until(lambda: not source.connected[second.address], 10, "the loss noticed")
+            await wait_until(lambda: not source.connected(second.address), 10, "the loss noticed")
             # Its held jobs are handed back, not left `running` for nobody.
             for job_id in on_second:
                 await wait_until(lambda j=job_id: _state_is(penv, j, "queued"), 10, f"{job_id} queued")
@@ -74,13 +74,13 @@ async def test_jobs_from_two_servers_finish_and_one_server_restart_is_ridden_out
             for job_id in [*on_first, late]:
                 state = await penv.wait_final(job_id, 30)
                 assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
-            assert not source.connected[second.address]
+            assert not source.connected(second.address)
 
             second.start()  # same port, and its binlog brings the held jobs back to ready
             for job_id in on_second:
                 state = await penv.wait_final(job_id, 60)
                 assert (state["state"], state["uploaded"], state["failed"]) == ("done", "60", "0")
-            assert source.connected[second.address]
+            assert source.connected(second.address)
 
             await wait_until(lambda: tube_settled(penv, first.address), 10,
                              "every job deleted on the first server")

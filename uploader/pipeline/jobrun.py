@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from uploader.entries.manifest import Entry, JobSpec, Manifest
-from uploader.source.beanstalkd.source import HeldJob
+from uploader.source.base import HeldJob
 from uploader.state.progress import Counts
 
 Stop = Literal["cancelled", "lost", "draining", "paused"]

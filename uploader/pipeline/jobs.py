@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -26,8 +26,7 @@ from uploader.pipeline.jobrun import JobRun, Stop
 from uploader.pipeline.ring import Ring
 from uploader.pipeline.tally import Tally
 from uploader.redisio import Keys
-from uploader.source.base import Delivery, ReservationLost
-from uploader.source.beanstalkd.source import HeldJob, Source
+from uploader.source.base import HeldJob, ReservationLost, Source
 from uploader.state import probe
 from uploader.state.cancels import CancelFlags
 from uploader.state.finish import State
@@ -39,25 +38,6 @@ log = structlog.get_logger("uploader.pipeline.jobs")
 DUPLICATE_DELAY = 5  # seconds a job waits in beanstalkd when its ID is already running here
 QUICK_JOB = 0.05  # seconds a job may run before it is kept alive and watched for a cancel
 
-_Put = Callable[[bytes, str], Awaitable[int]]
-
-
-class CompletionSink:
-    """Announces finished jobs: the completion tube and the Redis events channel.
-
-    `put(body, address)` gets the address of the server that held the job: the message goes
-    there, or to another live server when that one does not answer (README: Completion)."""
-
-    def __init__(self, progress: Progress, put: _Put | None) -> None:
-        self._progress = progress
-        self._put = put
-
-    async def announce(self, message: dict[str, object], address: str = "") -> None:
-        """The completion tube's message; the final write published it on the events channel."""
-        if self._put is not None:
-            await self._put(json.dumps(message, separators=(",", ":")).encode(), address)
-
-
 @dataclass(eq=False)
 class Jobs:
     source: Source
@@ -65,7 +45,6 @@ class Jobs:
     keys: Keys
     progress: Progress
     tally: Tally
-    completions: CompletionSink
     health: Health
     feed: Callable[[JobRun], Coroutine[object, object, None]]  # hands a job's files on, page by page
     time: Time = SYSTEM
@@ -107,7 +86,7 @@ class Jobs:
         except Exception:
             # A state of Redis or of the job that no check foresaw: this job stops, buried for
             # an operator to look at; the daemon and every other job go on.
-            log.exception("job_crashed", job_id=run.id, beanstalk_job=held.id)
+            log.exception("job_crashed", job_id=run.id, beanstalk_job=held.delivery.job)
             if not held.settled:
                 await self.source.settle(held, "bury")
                 self.tally.buried()
@@ -125,12 +104,12 @@ class Jobs:
             return None
         if self.draining or not self.health.ok:
             # Taken in the instant the daemon stopped taking work: back at once, untouched.
-            log.info("job_returned", job_id=spec.id, beanstalk_job=held.id,
+            log.info("job_returned", job_id=spec.id, beanstalk_job=held.delivery.job,
                      reason="draining" if self.draining else self.health.describe())
             await self.source.settle(held, "release")
             return None
         if spec.id in self.runs:
-            log.warning("job_already_running", job_id=spec.id, beanstalk_job=held.id)
+            log.warning("job_already_running", job_id=spec.id, beanstalk_job=held.delivery.job)
             await self.source.settle(held, "release", DUPLICATE_DELAY)
             return None
         return spec
@@ -142,7 +121,7 @@ class Jobs:
 
     async def _refuse(self, held: HeldJob, exc: BadJobError) -> None:
         """A job that cannot even start: buried for an operator, the reason in the log."""
-        log.error("job_refused", beanstalk_job=held.id, tube=held.tube, reason=str(exc))
+        log.error("job_refused", beanstalk_job=held.delivery.job, tube=held.tube, reason=str(exc))
         self.tally.buried()
         await self.source.settle(held, "bury")
 
@@ -165,7 +144,7 @@ class Jobs:
         """Start the run in Redis; False when there is nothing to serve (refused, an
         unreadable list, or a delivery that was cancelled before and stays so)."""
         held = run.held
-        delivery = Delivery(held.address, held.id, held.put_at, held.tube)
+        delivery = held.delivery
         head = await probe.probe(self.redis, self.keys, run.id, run.inline, self.page_size)
         if head is not None:  # a new job: its start is written with its first outcomes
             run.total = head.total if head.total is not None else await run.manifest.length()
@@ -229,7 +208,8 @@ class Jobs:
         c = run.counts
         message = await self.progress.finish(run.id, seconds, cancelled=run.cancelled, total=run.total,
                                              walked=run.walked)
-        await self.completions.announce(message, run.held.address)
+        # The final write published it on the events channel; the source's completion queue too.
+        await self.source.announce(json.dumps(message, separators=(",", ":")).encode(), run.held.delivery)
         state = cast(State, message["state"])
         await self.source.settle(run.held, "bury" if state == "failed" else "delete")
         self.tally.finished(state)
@@ -237,19 +217,20 @@ class Jobs:
             "job_finished", state=state, total=message["total"], uploaded=c.uploaded, skipped=c.skipped,
             failed=c.failed, bytes=c.bytes, seconds=round(seconds, 3),
             files_per_second=round(c.settled / seconds, 1) if seconds > 0 else None,
-            tube=run.held.tube, beanstalk_job=run.held.id, run=run.unannounced or "logged",
+            tube=run.held.tube, beanstalk_job=run.held.delivery.job, run=run.unannounced or "logged",
         )
 
     async def _lost(self, run: JobRun, reason: str) -> None:
         """The job is beanstalkd's again (or gone with its server): save what was done, and
         hand the run back (`queued`, with a note), so no hash says `running` for nobody."""
         await self.progress.flush()
-        log.warning("job_lost", reason=reason, beanstalkd=run.held.address, **_fields(run.counts))
+        delivery = run.held.delivery
+        log.warning("job_lost", reason=reason, beanstalkd=delivery.address, **_fields(run.counts))
         await self.source.abandon(run.held)
         now = int(self.time.wall())
-        note = (f"run by {self.worker} stopped at {now}: {reason} (beanstalkd {run.held.address}, "
-                f"job {run.held.id}); `uploader recover` puts it again if that server lost it")
-        await hand_back(self.redis, self.keys, run.id, self.worker, run.held.address, run.held.id, now, note)
+        note = (f"run by {self.worker} stopped at {now}: {reason} (beanstalkd {delivery.address}, "
+                f"job {delivery.job}); `uploader recover` puts it again if that server lost it")
+        await hand_back(self.redis, self.keys, run.id, self.worker, delivery.address, delivery.job, now, note)
 
     async def _keep_alive(self, run: JobRun) -> None:
         """Keep the reservation; once it is lost, stop handing out the job's files."""
@@ -277,7 +258,7 @@ def _announce(run: JobRun, mode: str, now: float) -> None:
     QUICK_JOB for a fresh one (at hundreds of jobs a second, one line per job, not two)."""
     run.unannounced = None
     held = run.held
-    log.info("job_started", total=run.total, tube=held.tube, beanstalk_job=held.id, run=mode,
+    log.info("job_started", total=run.total, tube=held.tube, beanstalk_job=held.delivery.job, run=mode,
              since=round(now - run.started, 3))
 
 

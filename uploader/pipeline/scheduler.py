@@ -25,7 +25,7 @@ from uploader.pipeline.aimd import Aimd
 from uploader.pipeline.feed import Feeder
 from uploader.pipeline.health import Health, problem
 from uploader.pipeline.jobrun import JobRun
-from uploader.pipeline.jobs import CompletionSink, Jobs
+from uploader.pipeline.jobs import Jobs
 from uploader.pipeline.limits import ByteBudget, Slots
 from uploader.pipeline.ratelimit import RateLimiter
 from uploader.pipeline.retry import RetryPolicy
@@ -33,7 +33,7 @@ from uploader.pipeline.ring import Empty
 from uploader.pipeline.tally import Result, Summary, Tally
 from uploader.pipeline.transfer import Transfer
 from uploader.redisio import Keys
-from uploader.source.beanstalkd.source import HeldJob, Source
+from uploader.source.base import HeldJob, Source
 from uploader.state.progress import Progress
 from uploader.stores.base import Store
 
@@ -99,7 +99,6 @@ class Scheduler:
         redis: aioredis.Redis,
         progress: Progress,
         metrics: Metrics,
-        completions: CompletionSink,
         retry: RetryPolicy | None = None,
         health: Health | None = None,
         time: Time = SYSTEM,
@@ -122,7 +121,7 @@ class Scheduler:
         keys = Keys(config.redis.key_prefix)
         feeder = Feeder(config, redis, keys, progress, self.tally)
         self.jobs = Jobs(
-            source, redis, keys, progress, self.tally, completions, self.health, feeder.feed, time, worker,
+            source, redis, keys, progress, self.tally, self.health, feeder.feed, time, worker,
             config.redis.page_size,
         )
         self.store = StoreWatch(store, self.health, time)
@@ -174,15 +173,12 @@ class Scheduler:
         return self.summary
 
     def _take_work(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Reservers (one per beanstalkd), the dispatcher and the store's watch."""
+        """The source's reservers, the dispatcher and the store's watch."""
         tasks = [
-            tg.create_task(
-                self.source.reserve_forever(a, self.room, self._accept, self.health.wait_clear),
-                name=f"reserve {a}",
-            )
-            for a in self.config.source.addresses
+            tg.create_task(self.source.reserve(self.room, self._accept, self.health.wait_clear),
+                           name="reserve"),
+            tg.create_task(self._dispatch(), name="dispatcher"),
         ]
-        tasks.append(tg.create_task(self._dispatch(), name="dispatcher"))
         self._store_watch = tg.create_task(self.store.until_back(), name="store check")
         return [*tasks, self._store_watch]
 
@@ -225,7 +221,7 @@ class Scheduler:
 
     async def _accept(self, held: HeldJob) -> None:
         assert self._tg is not None
-        task = self._tg.create_task(self.jobs.handle(held), name=f"job {held.id}")
+        task = self._tg.create_task(self.jobs.handle(held), name=f"job {held.delivery.job}")
         self._job_tasks.add(task)
         self._no_jobs.clear()
         task.add_done_callback(self._job_done)
@@ -303,8 +299,9 @@ class Scheduler:
     def snapshot(self) -> Snapshot:
         now = self.time.monotonic()
         views = tuple(
-            JobView(run.id, run.held.tube, run.held.id, run.total, run.counts.uploaded, run.counts.skipped,
-                    run.counts.failed, run.counts.bytes, run.inflight, round(now - run.started, 3))
+            JobView(run.id, run.held.tube, run.held.delivery.job, run.total, run.counts.uploaded,
+                    run.counts.skipped, run.counts.failed, run.counts.bytes, run.inflight,
+                    round(now - run.started, 3))
             for run in self.runs.values()
         )
         return Snapshot(views, sum(v.inflight for v in views), self.summary.files.settled)

@@ -1,1 +1,24 @@
-"""Job sources: the types every source shares (base.py) and one subpackage per broker."""
+"""Job sources: the protocols every source keeps (base.py) and one subpackage per broker.
+
+`open_source` is the one place that knows which brokers exist, as `stores.open_store` is for
+stores: the daemon and the pipeline speak only `base.Source`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from uploader.clock import SYSTEM, Time
+from uploader.config.settings import SourceConfig
+from uploader.source.base import Source
+from uploader.source.beanstalkd.jobsource import BeanstalkdSource
+
+
+def open_source(
+    config: SourceConfig,
+    probe_timeout: float,
+    time: Time = SYSTEM,
+    on_change: Callable[[str, bool], None] | None = None,
+) -> Source:
+    """The configured source; `on_change(server, up)` hears each server's verdict change."""
+    return BeanstalkdSource(config, probe_timeout, time, on_change)

@@ -1,24 +1,163 @@
-"""What the pipeline and a job's state know of a job source, whatever its broker: the delivery
-that carries a run, a reservation that is no longer ours, and the ways a job is settled."""
+"""What the pipeline and the operators' commands need of a job source, whatever its broker.
+
+`Source` is the daemon's side: reserve jobs within the free job slots and hand them over,
+keep each held job alive (and notice at once when it is lost), settle it, announce
+completions, and say which of its servers answer and how much work waits. `SourceAdmin` is
+the operators' side: put a job by the placement rule, count and requeue failed jobs, and find
+the job bodies the servers hold. A broker's own errors never pass these protocols: a held job
+that is no longer ours is `ReservationLost`, a server that cannot be reached `SourceUnavailable`.
+Stores have the same shape (`stores/base.py`); `open_source` picks the implementation.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 Settle = Literal["delete", "bury", "release"]
 
 
 class ReservationLost(Exception):
-    """The job is no longer ours: its connection closed, or beanstalkd gave it to another
-    worker after its TTR ran out. beanstalkd has it; nothing here may settle it."""
+    """The job is no longer ours: its connection closed, or the source gave it to another
+    worker after its TTR ran out. The source has it; nothing here may settle it."""
+
+
+class SourceUnavailable(Exception):
+    """No server of the source can be used for this call; the message names them and why."""
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Which beanstalkd job carries a run: a job ID's runs are told apart by it."""
+    """Which delivery of a job carries a run, opaque to the pipeline: a job ID's runs are told
+    apart by it (a re-delivery resumes; a new submission of a finished ID starts fresh).
+
+    `address` is the server that holds it, `job` the source's own ID of the submission,
+    `put_at` the Unix time of the producer's put, `tube` the queue it came from."""
 
     address: str
     job: int
     put_at: float
     tube: str
+
+
+class HeldJob(Protocol):
+    """A job this daemon holds: reserved, and not yet settled."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def tube(self) -> str: ...
+
+    @property
+    def weight(self) -> int: ...
+
+    @property
+    def delivery(self) -> Delivery: ...
+
+    @property
+    def settled(self) -> bool:
+        """Settled or abandoned: no longer ours to settle."""
+        ...
+
+
+OnJob = Callable[[HeldJob], Awaitable[None]]
+
+
+class Source(Protocol):
+    """The daemon's side of a job source."""
+
+    async def reserve(
+        self, room: asyncio.Semaphore, on_job: OnJob, clear: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Until cancelled: take a job slot from `room` (once `clear` returns: no outage keeps
+        the daemon from working), reserve one job, hand it to `on_job`, which owns the slot
+        from then on. A server that does not answer holds no slot while it is waited for."""
+        ...
+
+    async def keep(self, job: HeldJob) -> None:
+        """Keep the job reserved for as long as it runs; raise ReservationLost the moment it
+        is no longer ours."""
+        ...
+
+    async def confirm(self, job: HeldJob) -> None:
+        """Raise ReservationLost unless the job is still ours (before it is announced)."""
+        ...
+
+    async def settle(self, job: HeldJob, how: Settle, delay: int = 0) -> None:
+        """Done (delete), failed (bury) or back to its queue after `delay` seconds (release).
+        Never raises for the broker's sake: a job that cannot be settled is abandoned, and the
+        source hands it out again."""
+        ...
+
+    async def abandon(self, job: HeldJob) -> None:
+        """Let the job go without a word: the source hands it out again by itself."""
+        ...
+
+    async def announce(self, message: bytes, delivery: Delivery) -> None:
+        """Put a completion message on the completion queue (near the job's own server)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise SourceUnavailable unless at least one server can be used."""
+        ...
+
+    async def backlog(self) -> Mapping[str, int]:
+        """Ready jobs per watched queue, over the servers that answer."""
+        ...
+
+    def servers(self) -> Mapping[str, Mapping[str, object]]:
+        """Per server, for `/readyz` and the page: `ok` and, when not, `error`."""
+        ...
+
+    def failing(self) -> list[str]:
+        """The servers found down (not merely unchecked yet), for STATUS=."""
+        ...
+
+    def unchecked(self) -> bool:
+        """No server is known to be up, and some still wait for their first verdict."""
+        ...
+
+    async def watch(self) -> None:
+        """Until cancelled: probe every server about once a second, so that verdicts (and the
+        `on_change` callback given at opening) follow servers that come and go."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """What the `started` log line says of the source."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where `SourceAdmin.put` put a job."""
+
+    address: str
+    job: int
+
+
+class SourceAdmin(Protocol):
+    """The operators' side of a job source (the CLI, the status page's actions, recover)."""
+
+    async def put(self, job_id: str, body: bytes, tube: str, priority: int, ttr: int) -> Placed:
+        """Put a job by the placement rule (its first server that answers); SourceUnavailable
+        when none takes it."""
+        ...
+
+    async def failed(self, tubes: tuple[str, ...]) -> Mapping[str, int]:
+        """Failed (buried) jobs per queue, over the servers that answer."""
+        ...
+
+    async def retry(self, delivery: Delivery) -> None:
+        """Requeue one failed job; SourceUnavailable, or LookupError when it is not failed there."""
+        ...
+
+    async def retry_all(self, tubes: tuple[str, ...]) -> int:
+        """Requeue every failed job of these queues; how many."""
+        ...
+
+    async def close(self) -> None: ...

@@ -36,7 +36,7 @@ import structlog
 
 from uploader.clock import SYSTEM, Time, backoff_delays
 from uploader.config.settings import SourceConfig
-from uploader.source.base import ReservationLost, Settle
+from uploader.source.base import Delivery, ReservationLost, Settle
 from uploader.source.beanstalkd.servers import ServerVerdicts, closed_at_once, no_answer
 from uploader.source.beanstalkd.wire import (
     DEFAULT_PRIORITY,
@@ -55,7 +55,7 @@ REPLY_GRACE = 5.0  # seconds a reserve may overrun its own timeout before the se
 RETRY_FIRST, RETRY_CAP = 0.1, 2.0  # seconds between attempts on a server that is down
 
 @dataclass(eq=False, slots=True)
-class HeldJob:
+class BeanstalkdJob:
     conn: Connection
     id: int
     body: bytes
@@ -72,6 +72,10 @@ class HeldJob:
     def settled(self) -> bool:
         """Deleted, buried, released or abandoned: no longer ours to settle."""
         return self._done
+
+    @property
+    def delivery(self) -> Delivery:
+        return Delivery(self.address, self.id, self.put_at, self.tube)
 
 
 class TubeOrder:
@@ -128,11 +132,6 @@ class Source:
         self._order = {a: TubeOrder(self._weights) for a in config.addresses}
         self.servers = servers or ServerVerdicts(config.addresses)
 
-    @property
-    def connected(self) -> dict[str, bool]:
-        """Per server: its last reserving connection works."""
-        return {a: self.servers.connected(a) for a in self.config.addresses}
-
     async def _connection(self, address: str, tube: str = ALL, wait: bool = True) -> Connection:
         """An idle connection of the pool, else a new one; `wait` retries with backoff while the
         server is down, else one attempt (ConnectionLost)."""
@@ -182,7 +181,7 @@ class Source:
         self,
         address: str,
         room: asyncio.Semaphore,
-        on_job: Callable[[HeldJob], Awaitable[None]],
+        on_job: Callable[[BeanstalkdJob], Awaitable[None]],
         clear: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Reserve a job whenever there is room for one (and `clear` returns: no outage keeps
@@ -212,7 +211,7 @@ class Source:
         conn = await self._connection(address, ALL)
         self._idle[address, ALL].append(conn)
 
-    async def _reserve_weighted(self, address: str) -> HeldJob | None:
+    async def _reserve_weighted(self, address: str) -> BeanstalkdJob | None:
         """Try each tube alone, in weighted order, without waiting; then wait on all of them."""
         order = self._order[address]
         empty: set[str] = set()
@@ -227,7 +226,9 @@ class Source:
             order.served(job.tube, empty)
         return job
 
-    async def _reserve(self, address: str, tube: str = ALL, timeout: int = RESERVE_TIMEOUT) -> HeldJob | None:
+    async def _reserve(
+        self, address: str, tube: str = ALL, timeout: int = RESERVE_TIMEOUT
+    ) -> BeanstalkdJob | None:
         """One reserve on a connection watching `tube` (or all); None if nothing came, or the
         server is gone (then the round ends and the reserver waits for it holding no slot)."""
         try:
@@ -258,7 +259,7 @@ class Source:
             await self._drop(conn)
             raise
         name = stats.get("tube", "")
-        return HeldJob(
+        return BeanstalkdJob(
             conn=conn,
             id=job.id,
             body=job.body,
@@ -271,10 +272,10 @@ class Source:
             touched=self._time.monotonic(),
         )
 
-    def touch_interval(self, job: HeldJob) -> float:
+    def touch_interval(self, job: BeanstalkdJob) -> float:
         return max(self.config.min_touch_interval, job.ttr / 2)
 
-    async def keep(self, job: HeldJob) -> None:
+    async def keep(self, job: BeanstalkdJob) -> None:
         """Touch the job about every TTR/2 so that no other worker is handed it; raise
         ReservationLost the moment its connection goes (a beanstalkd restart), not at the next
         touch, so a run that is no longer ours stops handing out files at once."""
@@ -286,7 +287,7 @@ class Source:
                     raise ReservationLost(f"beanstalkd at {job.address} closed the connection")
             await self.touch(job)
 
-    async def touch(self, job: HeldJob) -> None:
+    async def touch(self, job: BeanstalkdJob) -> None:
         """Restart the job's TTR; raises ReservationLost if it is no longer ours."""
         try:
             await job.conn.touch(job.id)
@@ -294,7 +295,7 @@ class Source:
             raise ReservationLost(str(exc)) from exc
         job.touched = self._time.monotonic()
 
-    async def confirm(self, job: HeldJob) -> None:
+    async def confirm(self, job: BeanstalkdJob) -> None:
         """Raise ReservationLost unless the job is still ours. Its connection is open and its
         TTR was restarted less than half a TTR ago (and a second short of it): it is, with no
         round trip; else a touch asks the server."""
@@ -303,7 +304,7 @@ class Source:
         if self._time.monotonic() - job.touched >= min(job.ttr / 2, job.ttr - 1):
             await self.touch(job)
 
-    async def settle(self, job: HeldJob, how: Settle, delay: int = 0) -> None:
+    async def settle(self, job: BeanstalkdJob, how: Settle, delay: int = 0) -> None:
         """Delete, bury or release (back to ready after `delay` seconds, at its own priority,
         for any instance to resume). Never raises for beanstalkd's sake: a job that cannot be
         settled is abandoned, and beanstalkd hands it out again."""
@@ -324,7 +325,7 @@ class Source:
             log.error("job_settle_failed", beanstalk_job=job.id, action=how, error=str(exc))
             await self.abandon(job)
 
-    async def _finish(self, job: HeldJob, command: Awaitable[None]) -> None:
+    async def _finish(self, job: BeanstalkdJob, command: Awaitable[None]) -> None:
         job._done = True
         await command
         pool = self._pool.get(job.conn)
@@ -345,7 +346,7 @@ class Source:
         else:
             idle.append(conn)
 
-    async def abandon(self, job: HeldJob) -> None:
+    async def abandon(self, job: BeanstalkdJob) -> None:
         """Close the job's connection: the server puts the job back to ready by itself."""
         job._done = True
         await self._drop(job.conn)
@@ -362,74 +363,3 @@ class Source:
             conns.clear()
         self._pool.clear()
         self._opened.clear()
-
-
-class Monitor:
-    """One side connection per beanstalkd address, for probes and tube stats; never reserves.
-
-    Kept apart from the Source's connections so that a probe never waits behind a reserve.
-    """
-
-    def __init__(
-        self,
-        addresses: tuple[str, ...],
-        tubes: tuple[str, ...],
-        timeout: float,
-        servers: ServerVerdicts | None = None,
-    ) -> None:
-        self.addresses = addresses
-        self.tubes = tubes
-        self.timeout = timeout
-        self.servers = servers or ServerVerdicts(addresses)
-        self._conns: dict[str, Connection] = {}
-        # Per server: the probe and the stats poll may both ask first; a dead one delays no other.
-        self._connecting = {a: asyncio.Lock() for a in addresses}
-
-    async def _conn(self, address: str) -> Connection:
-        async with self._connecting[address]:
-            conn = self._conns.get(address)
-            if conn is None or conn.gone:
-                if conn is not None:
-                    await conn.close()
-                    del self._conns[address]
-                conn = self._conns[address] = await Connection.connect(address, timeout=self.timeout)
-            return conn
-
-    async def ping(self) -> None:
-        """Probe every server at once; raise unless at least one of them can be used."""
-        await asyncio.gather(*(self._probe(a) for a in self.addresses))
-        if not self.servers.any_up():
-            down = "; ".join(f"{a}: {why}" for a, why in self.servers.down().items())
-            raise ConnectionLost(f"no beanstalkd answers ({down})")
-
-    async def _probe(self, address: str) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await (await self._conn(address)).stats()
-        except TimeoutError:
-            self.servers.probed(address, no_answer(address, self.timeout))
-        except (BeanstalkError, ValueError) as exc:
-            self.servers.probed(address, str(exc))
-        else:
-            self.servers.probed(address, None)
-
-    async def ready_jobs(self) -> dict[str, int]:
-        """Ready jobs per watched tube, summed over the servers that answer."""
-        counts = dict.fromkeys(self.tubes, 0)
-        for address in self.addresses:
-            try:
-                conn = await self._conn(address)
-                for tube in self.tubes:
-                    try:
-                        stats = await conn.stats_tube(tube)
-                    except NotFound:  # nobody watches or uses it there: nothing is ready
-                        continue
-                    counts[tube] += int(stats.get("current-jobs-ready", 0))
-            except (BeanstalkError, ValueError) as exc:
-                log.debug("tube_stats_failed", address=address, error=str(exc))
-        return counts
-
-    async def close(self) -> None:
-        for conn in self._conns.values():
-            await conn.close()
-        self._conns.clear()
