@@ -27,7 +27,7 @@ from uploader.pipeline.ring import Ring
 from uploader.pipeline.tally import Tally
 from uploader.redisio import Keys
 from uploader.source.base import HeldJob, ReservationLost, Source
-from uploader.state import probe
+from uploader.state.begin import begin
 from uploader.state.cancels import CancelFlags
 from uploader.state.finish import State
 from uploader.state.heartbeat import hand_back
@@ -141,40 +141,24 @@ class Jobs:
             log.info("job_released", **_fields(run.counts))
 
     async def _begin(self, run: JobRun) -> bool:
-        """Start the run in Redis; False when there is nothing to serve (refused, an
+        """Start the run (state/begin.py); False when there is nothing to serve (refused, an
         unreadable list, or a delivery that was cancelled before and stays so)."""
-        held = run.held
-        delivery = held.delivery
-        head = await probe.probe(self.redis, self.keys, run.id, run.inline, self.page_size)
-        if head is not None:  # a new job: its start is written with its first outcomes
-            run.total = head.total if head.total is not None else await run.manifest.length()
-            run.manifest.prime(head.page)
-            self.progress.start_lazily(run.id, run.total, delivery)
-            run.unannounced = "fresh"  # a quick job says it all in one line, job_finished
-            return True
-        try:
-            await self.progress.starts.check_keys(run.id)
-        except BadJobError as exc:
-            await self._refuse(run.held, exc)
-            return False
-        try:
-            try:
-                run.total = await run.manifest.length()
-            except BadJobError as exc:
-                await self.progress.fail_unreadable(run.id, delivery, str(exc))
-                log.error("job_failed", reason=str(exc))
-                run.loaded = True
-                return False
-            mode = await self.progress.start(run.id, run.total, delivery)
-        except BadJobError as exc:  # a key of the job's own slot that holds something else
-            await self._refuse(run.held, exc)
-            return False
-        if mode == "cancelled":
+        start = await begin(self.progress, self.redis, self.keys, run.id, run.manifest, run.inline,
+                            run.held.delivery, self.page_size)
+        run.total = start.total
+        if start.how == "refused":
+            await self._refuse(run.held, BadJobError(start.reason))
+        elif start.how == "unreadable":
+            log.error("job_failed", reason=start.reason)
+            run.loaded = True
+        elif start.how == "cancelled":
             run.loaded = True
             run.stop("cancelled")
-            return False
-        _announce(run, mode, self.time.monotonic())
-        return True
+        elif start.lazy:
+            run.unannounced = "fresh"  # a quick job says it all in one line, job_finished
+        else:
+            _announce(run, start.how, self.time.monotonic())
+        return start.serves
 
     async def _serve(self, run: JobRun) -> None:
         """Seat the job in the ring until it is idle: done, or stopped with nothing in flight."""
