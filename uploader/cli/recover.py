@@ -32,9 +32,10 @@ from uploader.config.settings import Config
 from uploader.entries.manifest import JOB_ID, parse_body
 from uploader.errors import BadJobError
 from uploader.redisio import Keys, text, text_map
+from uploader.source.base import DEFAULT_PRIORITY
 from uploader.source.beanstalkd import placement
 from uploader.source.beanstalkd.servers import connect, within
-from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost
+from uploader.source.beanstalkd.wire import BeanstalkError, Connection, ConnectionLost
 from uploader.state.heartbeat import live_workers
 
 if TYPE_CHECKING:
