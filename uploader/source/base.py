@@ -161,10 +161,11 @@ class SourceAdmin(Protocol):
         """The configured servers, in the config's order."""
         ...
 
-    async def choose(self, job_id: str, tube: str) -> str:
-        """The server the placement rule gives the job now: its first choice that answers,
-        ready to take it into `tube`; SourceUnavailable when none does. Nothing is put yet, so
-        a producer can check before it writes anything else."""
+    async def choose(self, job_id: str, tube: str, among: tuple[str, ...] | None = None) -> str:
+        """The server the placement rule gives the job now (over `among`, by default the
+        configured servers): its first choice that answers, ready to take it into `tube`;
+        SourceUnavailable when none does. Nothing is put yet, so a producer can check before
+        it writes anything else."""
         ...
 
     async def put(self, address: str, tube: str, body: bytes, priority: int, ttr: int) -> Placed:
@@ -186,6 +187,18 @@ class SourceAdmin(Protocol):
     async def retry_all(self, address: str, tubes: tuple[str, ...]) -> Mapping[str, int]:
         """Requeue every failed job of these queues on one server; how many per queue. A
         queue with none failed is left alone (nothing else of it moves)."""
+        ...
+
+    async def held(
+        self, address: str, read: Callable[[bytes], str | None], limit: int
+    ) -> tuple[set[str], bool]:
+        """For `recover`: what `read` finds (a job ID, or None) in the body of every job
+        `address` holds in any state, newest first, at most `limit` jobs looked at; and
+        whether every job it holds was seen."""
+        ...
+
+    async def peek(self, where: Placed) -> bytes | None:
+        """The body of that one job, whatever its state; None when the server no longer has it."""
         ...
 
     async def close(self) -> None: ...

@@ -1,6 +1,6 @@
 """beanstalkd as a `source.base.SourceAdmin`: what the operators' commands and the status page's
 actions do to jobs on the servers (put by the placement rule, see who watches a tube, count
-and kick buried jobs).
+and kick buried jobs, read the bodies a server holds for `recover`).
 
 One connection per server, opened when first needed under the command deadlines
 (servers.py's `connect` and `within`) and kept until `close`. beanstalkd's errors end here:
@@ -10,7 +10,7 @@ reply `SourceRefused`, each in the words that name the server.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -22,6 +22,9 @@ from uploader.source.beanstalkd.wire import BeanstalkError, Connection, Connecti
 
 T = TypeVar("T")
 KICK_BOUND = 1_000_000  # buried jobs one `kick` moves at most
+PEEK_BATCH = 500  # peeks per pipelined write
+PROBE_TUBE = "uploader-recover-probe"  # where one probe job shows a server's newest job ID
+HELD_STATES = ("ready", "reserved", "delayed", "buried")
 
 
 @contextmanager
@@ -66,9 +69,9 @@ class BeanstalkdAdmin:
         except NotFound:  # beanstalkd forgets a tube with no jobs and no clients
             return {}
 
-    async def choose(self, job_id: str, tube: str) -> str:
+    async def choose(self, job_id: str, tube: str, among: tuple[str, ...] | None = None) -> str:
         failure: SourceUnavailable | None = None
-        for address in placement.order(job_id, self.config.addresses):
+        for address in placement.order(job_id, self.config.addresses if among is None else among):
             try:
                 conn = await self._conn(address)
                 await self._call(address, conn.use(tube))
@@ -119,6 +122,32 @@ class BeanstalkdAdmin:
             await self._call(address, conn.use(tube))
             kicked[tube] = await self._call(address, conn.kick(KICK_BOUND))
         return kicked
+
+    async def held(
+        self, address: str, read: Callable[[bytes], str | None], limit: int
+    ) -> tuple[set[str], bool]:
+        """Job IDs are consecutive per server: one probe job shows the newest, and pipelined
+        peeks walk down from it until every job the server holds was seen."""
+        conn = await self._conn(address)
+        stats = await self._call(address, conn.stats())
+        present = sum(int(stats.get(f"current-jobs-{kind}", "0")) for kind in HELD_STATES)
+        await self._call(address, conn.use(PROBE_TUBE))
+        top = await self._call(address, conn.put(b"probe", 0, 0, 1))  # the next job ID, minus one
+        await self._call(address, conn.delete(top))
+        found: set[str] = set()
+        seen, high, low = 0, top - 1, max(1, top - limit)
+        while high >= low and seen < present:
+            ids = list(range(high, max(low, high - PEEK_BATCH + 1) - 1, -1))
+            bodies = await self._call(address, conn.peek_many(ids))
+            seen += len(bodies)
+            found.update(job_id for body in bodies.values() if (job_id := read(body)))
+            high = ids[-1] - 1
+        return found, seen >= present or high < 1
+
+    async def peek(self, where: Placed) -> bytes | None:
+        conn = await self._conn(where.address)
+        bodies = await self._call(where.address, conn.peek_many([where.job]))
+        return bodies.get(where.job)
 
     async def _forget(self, address: str) -> None:
         conn = self._conns.pop(address, None)
