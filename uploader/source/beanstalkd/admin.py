@@ -28,15 +28,16 @@ HELD_STATES = ("ready", "reserved", "delayed", "buried")
 
 
 @contextmanager
-def translated() -> Iterator[None]:
-    """beanstalkd's errors as the protocol's: unreachable or hung, or an answer that says no."""
+def translated(missing: bool = False) -> Iterator[None]:
+    """beanstalkd's errors as the protocol's: unreachable or hung, or an answer that says no.
+    With `missing`, NOT_FOUND passes as NotFound, for the caller to tell what it means."""
     try:
         yield
     except ConnectionLost as exc:
         raise SourceUnavailable(str(exc)) from exc
-    except NotFound:
-        raise
     except BeanstalkError as exc:
+        if missing and isinstance(exc, NotFound):
+            raise
         raise SourceRefused(f"beanstalkd refused: {exc}") from exc
 
 
@@ -56,16 +57,16 @@ class BeanstalkdAdmin:
                 conn = self._conns[address] = await connect(address)
         return conn
 
-    async def _call(self, address: str, call: Awaitable[T]) -> T:
+    async def _call(self, address: str, call: Awaitable[T], missing: bool = False) -> T:
         """One command on `address`'s connection, under the reply deadline."""
         conn = self._conns[address]
-        with translated():
+        with translated(missing):
             return await within(conn, call)
 
     async def _stats_tube(self, address: str, tube: str) -> dict[str, str]:
         conn = await self._conn(address)
         try:
-            return await self._call(address, conn.stats_tube(tube))
+            return await self._call(address, conn.stats_tube(tube), missing=True)
         except NotFound:  # beanstalkd forgets a tube with no jobs and no clients
             return {}
 
@@ -105,7 +106,7 @@ class BeanstalkdAdmin:
     async def retry(self, where: Placed) -> None:
         conn = await self._conn(where.address)
         try:
-            await self._call(where.address, conn.kick_job(where.job))
+            await self._call(where.address, conn.kick_job(where.job), missing=True)
         except NotFound:
             raise LookupError(f"job {where.job} is not buried on {where.address}") from None
 
