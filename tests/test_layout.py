@@ -48,12 +48,14 @@ def imported(path: Path) -> set[str]:
 DAEMON_SIDE = sorted(
     [PACKAGE / "daemon.py", *(PACKAGE / "pipeline").glob("*.py"), *(PACKAGE / "state").glob("*.py")]
 )
+OPERATORS_SIDE = sorted([*(PACKAGE / "cli").glob("*.py"), *(PACKAGE / "web").glob("*.py")])
 
 
-@pytest.mark.parametrize("path", DAEMON_SIDE, ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", DAEMON_SIDE + OPERATORS_SIDE, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_the_daemon_and_the_pipeline_speak_only_the_source_protocol(path: Path) -> None:
     """Whatever the broker, the daemon, the pipeline and a job's state see `source.base` (and
-    `open_source`): no module of a broker's own."""
+    `open_source`), the commands and the web side `source.base` (and `open_admin`): no module
+    of a broker's own."""
     brokers = {m for m in imported(path) if m.startswith("uploader.source.") and m != "uploader.source.base"}
     assert not brokers
 

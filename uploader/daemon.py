@@ -95,6 +95,7 @@ class Daemon:
             token=self.config.http.token,
             sources=self.source.servers,
             cancel_ttl=self.config.redis.progress_ttl,
+            source=self.config.source,
         )
 
     # --- the whole life ---

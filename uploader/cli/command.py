@@ -1,6 +1,6 @@
 """What every `uploader` command shares: the exit statuses, the one-line error, the config it
-reads, the event loop it runs on, and Redis reached under a deadline (beanstalkd's deadlines:
-source/beanstalkd/servers.py)."""
+reads, the event loop it runs on, and Redis reached under the same deadlines as the job
+source's servers (source/base.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from uploader import redisio
 from uploader.config import settings as config_mod
 from uploader.config.settings import Config
 from uploader.redisio import Keys
-from uploader.source.beanstalkd.servers import CONNECT_TIMEOUT, REPLY_TIMEOUT
+from uploader.source.base import CONNECT_TIMEOUT, REPLY_TIMEOUT
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

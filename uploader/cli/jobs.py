@@ -1,5 +1,6 @@
-"""The commands that talk to Redis and beanstalkd: enqueue a job as a producer would, and
-inspect, cancel and retry jobs as an operator does.
+"""The commands that talk to Redis and the job source: enqueue a job as a producer would, and
+inspect, cancel and retry jobs as an operator does. The source is reached through its
+operators' side (`source.base.SourceAdmin`, from `open_admin`), never a broker's own client.
 
 Each checks its input before anything is sent, so a mistake is refused here and not buried
 in the daemon, and each says in one line which server it could not reach.
@@ -15,16 +16,15 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 from uploader.cli.command import NO, OK, UNREACHABLE, USAGE, CliError, load_config, redis_keys, run_async
-from uploader.config.settings import TUBE_NAME, Config
+from uploader.config.settings import TUBE_NAME, Config, SourceConfig
 from uploader.entries.manifest import JOB_ID, BadEntry, parse_entry
 from uploader.redisio import Keys, text, text_map
-from uploader.source.beanstalkd import placement
-from uploader.source.beanstalkd.servers import connect, within
-from uploader.source.beanstalkd.wire import BeanstalkError, Connection, ConnectionLost, NotFound
+from uploader.source import open_admin
+from uploader.source.base import Placed, SourceAdmin, SourceRefused, SourceUnavailable
 from uploader.web import actions
 
 if TYPE_CHECKING:
@@ -65,27 +65,6 @@ def _entry(index: int, path: str) -> str:
     return full
 
 
-async def _producer(config: Config, tube: str, job_id: str) -> Connection:
-    """The job's beanstalkd by the placement rule (a stable hash of its ID picks the first
-    choice, then the next one that answers), using `tube`; checked before Redis is written."""
-    failure: ConnectionLost | None = None
-    for address in placement.order(job_id, config.source.addresses):
-        try:
-            conn = await connect(address)
-        except ConnectionLost as exc:
-            failure = exc
-            continue
-        try:
-            await within(conn, conn.use(tube))
-        except ConnectionLost as exc:  # accepted, then no answer: a full server, say
-            await conn.close()
-            failure = exc
-            continue
-        return conn
-    assert failure is not None
-    raise failure
-
-
 # --- commands ---
 
 
@@ -96,18 +75,20 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     entries = [_entry(i, p) for i, p in enumerate(args.paths)]
 
     async def main() -> int:
-        conn = await _producer(config, tube, job_id)
+        admin = open_admin(config.source)
         try:
+            into = (await admin.choose(job_id, tube), tube)  # checked before Redis is written
             async with redis_keys(config) as (redis, keys):
                 await _refuse_unfinished(redis, keys, job_id)
                 await _write_job(redis, keys, job_id, entries)
-                await _put_or_undo(conn, redis, keys, job_id, args.priority, args.ttr)
+                placed = await _put_or_undo(admin, into, redis, keys, job_id, args.priority, args.ttr)
                 print(job_id, flush=True)
                 if not args.wait:
                     return OK
-                return await _watch(redis, keys, job_id, functools.partial(_unwatched_hint, conn, tube))
+                hint = functools.partial(_unwatched_hint, placed, tube, admin)
+                return await _watch(redis, keys, job_id, hint)
         finally:
-            await conn.close()
+            await admin.close()
 
     return run_async(main())
 
@@ -138,11 +119,12 @@ async def _write_job(redis: Redis, keys: Keys, job_id: str, entries: list[str]) 
 
 
 async def _put_or_undo(
-    conn: Connection, redis: Redis, keys: Keys, job_id: str, priority: int, ttr: int
-) -> None:
-    """Put the ID; if beanstalkd did not take it, remove what was written, leaving nothing half-done."""
+    admin: SourceAdmin, into: tuple[str, str], redis: Redis, keys: Keys, job_id: str, priority: int, ttr: int
+) -> Placed:
+    """Put the ID on `into` (server, tube); if the source did not take it, remove what was
+    written, leaving nothing half-done."""
     try:
-        await within(conn, conn.put(job_id.encode(), priority=priority, ttr=ttr))
+        return await admin.put(*into, job_id.encode(), priority, ttr)
     except BaseException:
         for key in (keys.files(job_id), keys.job(job_id)):
             await redis.delete(key)
@@ -188,17 +170,18 @@ async def _report_end(redis: Redis, keys: Keys, job_id: str, state: str) -> int:
     return NO
 
 
-async def _unwatched_hint(conn: Connection, tube: str) -> str | None:
-    """Why a job may wait forever: no daemon watches its tube. None while one does (or we cannot tell)."""
-    try:
-        stats = await within(conn, conn.stats_tube(tube))
-    except NotFound:
-        stats = {}
-    except BeanstalkError:
+async def _unwatched_hint(where: Placed, tube: str, admin: SourceAdmin | None = None) -> str | None:
+    """Why a job may wait forever: no daemon watches its tube on the server that holds it. None
+    while one does (or we cannot tell). Asks `admin`, else one opened for that server alone."""
+    if admin is None:
+        own = open_admin(SourceConfig(addresses=(where.address,)))
+        try:
+            return await _unwatched_hint(where, tube, own)
+        finally:
+            await own.close()
+    if await admin.watched(where.address, tube) is not False:
         return None
-    if int(stats.get("current-watching", "0")) > 0:
-        return None
-    return f"no daemon watches tube {tube!r} on {conn.address} yet; still waiting (Ctrl-C to stop)"
+    return f"no daemon watches tube {tube!r} on {where.address} yet; still waiting (Ctrl-C to stop)"
 
 
 async def _first_failures(redis: Redis, keys: Keys, job_id: str, count: int) -> list[tuple[str, str]]:
@@ -256,15 +239,11 @@ def cmd_failed(args: argparse.Namespace) -> int:
         async with redis_keys(config) as (redis, keys):
             for job_id, state in await _failed_jobs(redis, keys, tube, args.limit):
                 print(_failed_line(job_id, state, await _first_failures(redis, keys, job_id, 3)))
-        failure: ConnectionLost | None = None
-        for address in config.source.addresses:
-            try:
-                for name, buried in await _buried_counts(address, tubes):
-                    print(f"{address}\t{name}\t{buried} buried")
-            except ConnectionLost as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
+        admin = open_admin(config.source)
+        try:
+            await _buried_counts(admin, tubes)
+        finally:
+            await admin.close()
         return OK
 
     return run_async(main())
@@ -306,20 +285,18 @@ def _failed_line(job_id: str, state: dict[str, str], reasons: list[tuple[str, st
     return f"{job_id}\t{state.get('tube', '?')}\t{counts}\t{when}\t{shown}"
 
 
-async def _buried_counts(address: str, tubes: Sequence[str]) -> list[tuple[str, int]]:
-    """Buried jobs per tube on one server, whatever buried them (a failed job, a bad body)."""
-    conn = await connect(address)
-    try:
-        counts = []
-        for tube in tubes:
-            try:
-                stats = await within(conn, conn.stats_tube(tube))
-            except NotFound:  # beanstalkd forgets a tube with no jobs and no clients
-                stats = {}
-            counts.append((tube, int(stats.get("current-jobs-buried", "0"))))
-        return counts
-    finally:
-        await conn.close()
+async def _buried_counts(admin: SourceAdmin, tubes: tuple[str, ...]) -> None:
+    """Buried jobs per tube on each server, whatever buried them (a failed job, a bad body); a
+    server that does not answer is told after the others."""
+    failure: SourceUnavailable | None = None
+    for address in admin.servers:
+        try:
+            for name, buried in (await admin.failed(address, tubes)).items():
+                print(f"{address}\t{name}\t{buried} buried")
+        except SourceUnavailable as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -338,49 +315,37 @@ async def _retry_jobs(config: Config, job_ids: list[str]) -> int:
     async with redis_keys(config) as (redis, keys):
         states = [text_map(await redis.hgetall(keys.job(j))) for j in job_ids]
     code = OK
-    conns: dict[str, Connection] = {}
+    admin = open_admin(config.source)
     try:
         for job_id, state in zip(job_ids, states, strict=True):
             try:
-                print(await actions.kick_failed(conns, job_id, state))
+                print(await actions.retry_failed(admin, job_id, state))
             except actions.Refused as exc:
                 print(f"uploader: {exc}", file=sys.stderr)
                 code = max(code, NO)
-            except BeanstalkError as exc:
+            except (SourceUnavailable, SourceRefused) as exc:
                 print(f"uploader: {exc}", file=sys.stderr)
                 code = max(code, UNREACHABLE)
     finally:
-        for conn in conns.values():
-            await conn.close()
+        await admin.close()
     return code
 
 
 async def _retry_all(config: Config) -> int:
     """Kick every buried job of every configured tube on every configured server."""
     code = OK
-    for address in config.source.addresses:
-        try:
-            conn = await connect(address)
-        except ConnectionLost as exc:
-            print(f"uploader: {exc}", file=sys.stderr)
-            code = UNREACHABLE
-            continue
-        try:
-            for tube in config.source.tubes:
-                print(f"{address}\t{tube.name}\tkicked {await _kick_buried(conn, tube.name)}")
-        finally:
-            await conn.close()
-    return code
-
-
-async def _kick_buried(conn: Connection, tube: str) -> int:
-    """Kick a tube's buried jobs; with none buried, nothing, since `kick` would then take its
-    delayed jobs and cut a producer's delay short."""
+    tubes = tuple(t.name for t in config.source.tubes)
+    admin = open_admin(config.source)
     try:
-        stats = await within(conn, conn.stats_tube(tube))
-    except NotFound:
-        return 0
-    if int(stats.get("current-jobs-buried", "0")) == 0:
-        return 0
-    await within(conn, conn.use(tube))
-    return await within(conn, conn.kick(1_000_000))
+        for address in admin.servers:
+            try:
+                kicked = await admin.retry_all(address, tubes)
+            except SourceUnavailable as exc:
+                print(f"uploader: {exc}", file=sys.stderr)
+                code = UNREACHABLE
+                continue
+            for tube, count in kicked.items():
+                print(f"{address}\t{tube}\tkicked {count}")
+    finally:
+        await admin.close()
+    return code

@@ -31,7 +31,7 @@ from uploader.cli.command import (
 )
 from uploader.config import settings as config_mod
 from uploader.errors import ConfigError
-from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, ConnectionLost
+from uploader.source.base import DEFAULT_PRIORITY, SourceRefused, SourceUnavailable
 
 MAX_UINT32 = 2**32 - 1
 
@@ -183,10 +183,10 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return str(exc), exc.code
     if isinstance(exc, ConfigError):
         return str(exc), USAGE
-    if isinstance(exc, ConnectionLost):
+    if isinstance(exc, SourceUnavailable):
         return str(exc), UNREACHABLE
-    if isinstance(exc, BeanstalkError):
-        return f"beanstalkd refused: {exc}", NO
+    if isinstance(exc, SourceRefused):
+        return str(exc), NO
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"Redis unreachable: {reason(exc)}", UNREACHABLE
     if isinstance(exc, redis.exceptions.RedisError):

@@ -12,7 +12,7 @@ A job is stranded when
 - no live beanstalkd holds it in any state: every server that answers, configured or named
   in a hash, is looked at job by job (pipelined `peek`, newest first, until every job it holds
   was seen or SCAN_LIMIT IDs were read), and bodies that carry the job ID count as held.
-A stranded job's ID is put again by the enqueue rule (source/beanstalkd/placement.py) into
+A stranded job's ID is put again by the enqueue rule (`SourceAdmin.choose`) into
 its tube, and its hash says `queued` with a note and the new delivery, so running recover
 twice puts nothing twice. The re-delivered run resumes from the job's marks: no file uploaded
 twice.
@@ -32,9 +32,8 @@ from uploader.config.settings import Config
 from uploader.entries.manifest import JOB_ID, parse_body
 from uploader.errors import BadJobError
 from uploader.redisio import Keys, text, text_map
-from uploader.source.beanstalkd import placement
-from uploader.source.beanstalkd.servers import connect, within
-from uploader.source.beanstalkd.wire import DEFAULT_PRIORITY, BeanstalkError, Connection, ConnectionLost
+from uploader.source import open_admin
+from uploader.source.base import DEFAULT_PRIORITY, Placed, SourceAdmin, SourceRefused, SourceUnavailable
 from uploader.state.heartbeat import live_workers
 
 if TYPE_CHECKING:
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 
 DEFAULT_OLDER_THAN = 3600  # seconds: well past any producer's RPUSH-then-put, or a flush
 SCAN_LIMIT = 1_000_000  # job IDs looked at per server at most
-PEEK_BATCH = 500  # peeks per pipelined write
-PROBE_TUBE = "uploader-recover-probe"  # where one probe job shows a server's newest job ID
 FINAL = {"done", "failed", "cancelled"}
 
 
@@ -63,7 +60,8 @@ class Candidate:
 class ServerSurvey:
     """What the beanstalkd servers hold, as far as they answer."""
 
-    conns: dict[str, Connection] = field(default_factory=dict)  # the live ones
+    admin: SourceAdmin
+    live: list[str] = field(default_factory=list)  # the servers that answered
     down: dict[str, str] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # job IDs in a body on a live server
     partial: list[str] = field(default_factory=list)  # live servers not looked at to the end
@@ -75,7 +73,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 async def recover(config: Config, older_than: float, dry_run: bool) -> int:
-    survey = ServerSurvey()
+    survey = ServerSurvey(open_admin(config.source))
     try:
         async with redis_keys(config) as (redis, keys):
             now = time.time()
@@ -96,8 +94,7 @@ async def recover(config: Config, older_than: float, dry_run: bool) -> int:
             put = 0 if dry_run else await _put_all(config, redis, keys, survey, stranded)
             print(f"{len(stranded)} stranded of {len(candidates)} unfinished jobs; put again: {put}")
     finally:
-        for conn in survey.conns.values():
-            await conn.close()
+        await survey.admin.close()
     return OK
 
 
@@ -153,43 +150,17 @@ async def _read(redis: Redis, keys: Keys, job_ids: list[str], now: float) -> lis
 
 
 async def _look(survey: ServerSurvey, addresses: list[str]) -> None:
-    """Connect to each server and read every job ID it holds; unreachable ones are down."""
+    """Read every job ID each server holds; those that cannot be read are down."""
     for address in dict.fromkeys(addresses):
         try:
-            conn = await connect(address)
-        except ConnectionLost as exc:
+            held, complete = await survey.admin.held(address, _body_id, SCAN_LIMIT)
+        except (SourceUnavailable, SourceRefused) as exc:
             survey.down[address] = str(exc)
             continue
-        try:
-            held, complete = await _held_by(conn)
-        except BeanstalkError as exc:
-            survey.down[address] = str(exc)
-            await conn.close()
-            continue
-        survey.conns[address] = conn
+        survey.live.append(address)
         survey.held |= held
         if not complete:
             survey.partial.append(address)
-
-
-async def _held_by(conn: Connection) -> tuple[set[str], bool]:
-    """The job IDs in the bodies of every job the server holds (ready, reserved, delayed or
-    buried), newest first; and whether every one was seen."""
-    stats = await within(conn, conn.stats())
-    kinds = ("ready", "reserved", "delayed", "buried")
-    present = sum(int(stats.get(f"current-jobs-{kind}", "0")) for kind in kinds)
-    await within(conn, conn.use(PROBE_TUBE))
-    top = await within(conn, conn.put(b"probe", 0, 0, 1))  # the next job ID, minus one
-    await within(conn, conn.delete(top))
-    held: set[str] = set()
-    seen, high, low = 0, top - 1, max(1, top - SCAN_LIMIT)
-    while high >= low and seen < present:
-        ids = list(range(high, max(low, high - PEEK_BATCH + 1) - 1, -1))
-        bodies = await within(conn, conn.peek_many(ids))
-        seen += len(bodies)
-        held.update(job_id for body in bodies.values() if (job_id := _body_id(body)))
-        high = ids[-1] - 1
-    return held, seen >= present or high < 1
 
 
 def _body_id(body: bytes) -> str | None:
@@ -205,10 +176,9 @@ async def _stranded(survey: ServerSurvey, candidate: Candidate) -> bool:
     if candidate.id in survey.held:
         return False
     named = candidate.named()
-    if named is not None and named[0] in survey.conns:
-        conn = survey.conns[named[0]]
-        bodies = await within(conn, conn.peek_many([named[1]]))
-        if any(_body_id(b) == candidate.id for b in bodies.values()):
+    if named is not None and named[0] in survey.live:
+        body = await survey.admin.peek(Placed(*named))
+        if body is not None and _body_id(body) == candidate.id:
             return False
     return not survey.partial
 
@@ -216,7 +186,7 @@ async def _stranded(survey: ServerSurvey, candidate: Candidate) -> bool:
 async def _put_all(
     config: Config, redis: Redis, keys: Keys, survey: ServerSurvey, stranded: list[Candidate]
 ) -> int:
-    live = [a for a in config.source.addresses if a in survey.conns]
+    live = tuple(a for a in config.source.addresses if a in survey.live)
     if stranded and not live:
         down = "; ".join(f"{a}: {why}" for a, why in survey.down.items())
         raise CliError(f"no configured beanstalkd answers, nothing put ({down})", UNREACHABLE)
@@ -224,7 +194,7 @@ async def _put_all(
     for candidate in stranded:
         tube = candidate.state.get("tube", "")
         tube = tube if tube in tubes else tubes[0]
-        address, number = await _put(survey, placement.order(candidate.id, live), candidate.id, tube)
+        address, number = await _put(survey, live, candidate.id, tube)
         now = int(time.time())
         note = f"recovered at {now}: put again on {address} as beanstalkd job {number} by uploader recover"
         await redis.hset(keys.job(candidate.id), mapping={
@@ -236,15 +206,22 @@ async def _put_all(
     return len(stranded)
 
 
-async def _put(survey: ServerSurvey, order: list[str], job_id: str, tube: str) -> tuple[str, int]:
-    """Put on the first server of `order` that takes it."""
-    failure: BeanstalkError | None = None
-    for address in order:
-        conn = survey.conns[address]
+async def _put(survey: ServerSurvey, live: tuple[str, ...], job_id: str, tube: str) -> tuple[str, int]:
+    """Put on the first server the placement rule gives among `live` that takes it."""
+    failure: SourceUnavailable | None = None
+    left = live
+    while left:
         try:
-            await within(conn, conn.use(tube))
-            return address, await within(conn, conn.put(job_id.encode(), DEFAULT_PRIORITY, 0, 60))
-        except ConnectionLost as exc:
+            address = await survey.admin.choose(job_id, tube, among=left)
+        except SourceUnavailable as exc:
+            failure = exc
+            break
+        try:
+            placed = await survey.admin.put(address, tube, job_id.encode(), DEFAULT_PRIORITY, 60)
+        except SourceUnavailable as exc:
             failure = exc
             survey.down[address] = str(exc)
+            left = tuple(a for a in left if a != address)
+            continue
+        return placed.address, placed.job
     raise CliError(f"job {job_id} not put again, no beanstalkd took it: {failure}", UNREACHABLE)

@@ -1,7 +1,8 @@
 """Job sources: the protocols every source keeps (base.py) and one subpackage per broker.
 
-`open_source` is the one place that knows which brokers exist, as `stores.open_store` is for
-stores: the daemon and the pipeline speak only `base.Source`.
+`open_source` and `open_admin` are the one place that knows which brokers exist, as
+`stores.open_store` is for stores: the daemon and the pipeline speak only `base.Source`, the
+operators' commands and the status page's actions only `base.SourceAdmin`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Callable
 
 from uploader.clock import SYSTEM, Time
 from uploader.config.settings import SourceConfig
-from uploader.source.base import Source
+from uploader.source.base import Source, SourceAdmin
+from uploader.source.beanstalkd.admin import BeanstalkdAdmin
 from uploader.source.beanstalkd.jobsource import BeanstalkdSource
 
 
@@ -22,3 +24,8 @@ def open_source(
 ) -> Source:
     """The configured source; `on_change(server, up)` hears each server's verdict change."""
     return BeanstalkdSource(config, probe_timeout, time, on_change)
+
+
+def open_admin(config: SourceConfig) -> SourceAdmin:
+    """The configured source's operators' side; it owns its connections until `close`."""
+    return BeanstalkdAdmin(config)

@@ -3,10 +3,11 @@
 `Source` is the daemon's side: reserve jobs within the free job slots and hand them over,
 keep each held job alive (and notice at once when it is lost), settle it, announce
 completions, and say which of its servers answer and how much work waits. `SourceAdmin` is
-the operators' side: put a job by the placement rule, count and requeue failed jobs, and find
-the job bodies the servers hold. A broker's own errors never pass these protocols: a held job
-that is no longer ours is `ReservationLost`, a server that cannot be reached `SourceUnavailable`.
-Stores have the same shape (`stores/base.py`); `open_source` picks the implementation.
+the operators' side: put a job by the placement rule, tell whether anyone consumes a queue,
+count and requeue failed jobs. A broker's own errors never pass these protocols: a held job
+that is no longer ours is `ReservationLost`, a server that cannot be reached
+`SourceUnavailable`, a server's no `SourceRefused`. Stores have the same shape
+(`stores/base.py`); `open_source` and `open_admin` pick the implementation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class ReservationLost(Exception):
 
 class SourceUnavailable(Exception):
     """No server of the source can be used for this call; the message names them and why."""
+
+
+class SourceRefused(Exception):
+    """A server answered, and its answer was no; the message names it and says what it said."""
+
+
+DEFAULT_PRIORITY = 2**31  # a job's priority unless its producer says otherwise (lower is sooner)
+CONNECT_TIMEOUT = 3.0  # seconds to reach Redis or a job source's server before saying it is unreachable
+REPLY_TIMEOUT = 10.0  # seconds a connected server may take to answer one command
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,30 +144,61 @@ class Source(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Where `SourceAdmin.put` put a job."""
+    """Where a job is: as `SourceAdmin.put` put it, or as its progress hash names it."""
 
     address: str
     job: int
 
 
 class SourceAdmin(Protocol):
-    """The operators' side of a job source (the CLI, the status page's actions, recover)."""
+    """The operators' side of a job source (the CLI, the status page's actions). It owns its
+    connections, opened when first needed and kept across calls until `close`. A server that
+    cannot be reached or does not answer in time is `SourceUnavailable`, one that answers no
+    `SourceRefused`; both name the server."""
 
-    async def put(self, job_id: str, body: bytes, tube: str, priority: int, ttr: int) -> Placed:
-        """Put a job by the placement rule (its first server that answers); SourceUnavailable
-        when none takes it."""
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The configured servers, in the config's order."""
         ...
 
-    async def failed(self, tubes: tuple[str, ...]) -> Mapping[str, int]:
-        """Failed (buried) jobs per queue, over the servers that answer."""
+    async def choose(self, job_id: str, tube: str, among: tuple[str, ...] | None = None) -> str:
+        """The server the placement rule gives the job now (over `among`, by default the
+        configured servers): its first choice that answers, ready to take it into `tube`;
+        SourceUnavailable when none does. Nothing is put yet, so a producer can check before
+        it writes anything else."""
         ...
 
-    async def retry(self, delivery: Delivery) -> None:
-        """Requeue one failed job; SourceUnavailable, or LookupError when it is not failed there."""
+    async def put(self, address: str, tube: str, body: bytes, priority: int, ttr: int) -> Placed:
+        """Put a job on `address` (as `choose` gave it) into `tube`."""
         ...
 
-    async def retry_all(self, tubes: tuple[str, ...]) -> int:
-        """Requeue every failed job of these queues; how many."""
+    async def watched(self, address: str, tube: str) -> bool | None:
+        """Whether any consumer watches `tube` on `address`; None when the server cannot tell."""
+        ...
+
+    async def failed(self, address: str, tubes: tuple[str, ...]) -> Mapping[str, int]:
+        """Failed (buried) jobs per queue on one server, whatever failed them."""
+        ...
+
+    async def retry(self, where: Placed) -> None:
+        """Requeue one failed job; LookupError when it is not failed there."""
+        ...
+
+    async def retry_all(self, address: str, tubes: tuple[str, ...]) -> Mapping[str, int]:
+        """Requeue every failed job of these queues on one server; how many per queue. A
+        queue with none failed is left alone (nothing else of it moves)."""
+        ...
+
+    async def held(
+        self, address: str, read: Callable[[bytes], str | None], limit: int
+    ) -> tuple[set[str], bool]:
+        """For `recover`: what `read` finds (a job ID, or None) in the body of every job
+        `address` holds in any state, newest first, at most `limit` jobs looked at; and
+        whether every job it holds was seen."""
+        ...
+
+    async def peek(self, where: Placed) -> bytes | None:
+        """The body of that one job, whatever its state; None when the server no longer has it."""
         ...
 
     async def close(self) -> None: ...

@@ -10,8 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from uploader.redisio import Keys, text_map
-from uploader.source.beanstalkd.servers import connect, within
-from uploader.source.beanstalkd.wire import Connection, NotFound
+from uploader.source.base import Placed, SourceAdmin
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -48,29 +47,20 @@ async def cancel(redis: Redis, keys: Keys, job_id: str, ttl: int) -> str:
     return f"cancel requested for {job_id}"
 
 
-async def retry(redis: Redis, keys: Keys, job_id: str) -> str:
-    """Kick the failed job where it is buried; the next daemon to reserve it runs its failed
+async def retry(redis: Redis, keys: Keys, job_id: str, admin: SourceAdmin) -> str:
+    """Requeue the failed job where it failed; the next daemon to reserve it runs its failed
     files again (what was uploaded is skipped)."""
     state = text_map(await redis.hgetall(keys.job(job_id)))
-    conns: dict[str, Connection] = {}
-    try:
-        return await kick_failed(conns, job_id, state)
-    finally:
-        for conn in conns.values():
-            await conn.close()
+    return await retry_failed(admin, job_id, state)
 
 
-async def kick_failed(conns: dict[str, Connection], job_id: str, state: dict[str, str]) -> str:
-    """Kick one failed job; its hash names the server and the beanstalkd job that was buried.
-    `conns` holds one connection per server across calls."""
+async def retry_failed(admin: SourceAdmin, job_id: str, state: dict[str, str]) -> str:
+    """Requeue one failed job; its hash names the server and the beanstalkd job that was buried."""
     address, number = state.get("beanstalkd", ""), state.get("beanstalk_job", "")
     if state.get("state") != "failed" or not address or not number.isdigit():
         raise Refused(f"job {job_id} is not failed (state {state.get('state', 'unknown')})")
-    conn = conns.get(address)
-    if conn is None or conn.closed:
-        conn = conns[address] = await connect(address)
     try:
-        await within(conn, conn.kick_job(int(number)))
-    except NotFound:
+        await admin.retry(Placed(address, int(number)))
+    except LookupError:
         raise Refused(f"job {job_id} is not buried on {address} (beanstalkd job {number})") from None
     return f"kicked {job_id} (beanstalkd job {number} on {address})"

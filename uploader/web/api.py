@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from uploader.config.settings import SourceConfig
 from uploader.entries.manifest import JOB_ID
 from uploader.errors import ConfigError
 from uploader.redisio import OUTAGE_ERRORS, Keys, text, text_map
@@ -59,6 +60,7 @@ class Api:
         token: str = "",
         sources: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
         cancel_ttl: int = 86400,
+        source: SourceConfig | None = None,
     ) -> None:
         self.registry = registry
         self.probes = probes
@@ -69,7 +71,7 @@ class Api:
         self.keys = keys
         self.token = token.encode()
         self.sources = sources
-        self.page = statuspage.StatusPage(redis, keys, lambda: self.token, cancel_ttl)
+        self.page = statuspage.StatusPage(redis, keys, lambda: self.token, cancel_ttl, source=source)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])

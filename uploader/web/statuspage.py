@@ -22,9 +22,11 @@ import structlog
 from aiohttp import web
 
 from uploader.clock import SYSTEM, Time
+from uploader.config.settings import SourceConfig
 from uploader.entries.manifest import JOB_ID
 from uploader.redisio import OUTAGE_ERRORS, Keys
-from uploader.source.beanstalkd.wire import BeanstalkError
+from uploader.source import open_admin
+from uploader.source.base import SourceRefused, SourceUnavailable
 from uploader.web import actions
 from uploader.web.fleet import Fleet, Listing
 
@@ -47,7 +49,7 @@ PAGE_HEADERS = {
 ACTIONS = ("retry", "cancel")
 MAX_OFFSET = 1_000_000
 _READ_FAILURES: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, TimeoutError)
-_FAILURES: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, TimeoutError, BeanstalkError)
+_FAILURES: tuple[type[BaseException], ...] = (*OUTAGE_ERRORS, TimeoutError, SourceUnavailable, SourceRefused)
 
 
 def session_value(token: bytes) -> str:
@@ -70,8 +72,9 @@ def _answer(status: int, code: str, message: str) -> web.Response:
 
 class StatusPage:
     def __init__(self, redis: aioredis.Redis, keys: Keys, token: Callable[[], bytes], cancel_ttl: int,
-                 time: Time = SYSTEM) -> None:
+                 time: Time = SYSTEM, source: SourceConfig | None = None) -> None:
         self.redis = redis
+        self.source = source or SourceConfig()
         self.keys = keys
         self.fleet = Fleet(redis, keys)
         self.token = token
@@ -129,7 +132,7 @@ class StatusPage:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 if action == "retry":
-                    message = await actions.retry(self.redis, self.keys, job_id)
+                    message = await self._retry(job_id)
                 else:
                     message = await actions.cancel(self.redis, self.keys, job_id, self.cancel_ttl)
         except actions.Refused as exc:
@@ -138,6 +141,14 @@ class StatusPage:
             return _answer(503, "unavailable", str(exc) or type(exc).__name__)
         log.info("job_action", action=action, job=job_id, peer=request.remote)
         return web.json_response({"message": message})
+
+    async def _retry(self, job_id: str) -> str:
+        """Retry through the job source's operators' side, its connections closed after."""
+        admin = open_admin(self.source)
+        try:
+            return await actions.retry(self.redis, self.keys, job_id, admin)
+        finally:
+            await admin.close()
 
     def _refusal(self, request: web.Request, action: str, job_id: str) -> web.Response | None:
         if action not in ACTIONS:

@@ -17,13 +17,12 @@ from typing import TypeVar
 
 import structlog
 
+from uploader.source.base import CONNECT_TIMEOUT, REPLY_TIMEOUT
 from uploader.source.beanstalkd.wire import Connection, ConnectionLost
 
 log = structlog.get_logger("uploader.source.beanstalkd.servers")
 
 T = TypeVar("T")
-CONNECT_TIMEOUT = 3.0  # seconds to reach Redis or beanstalkd before saying it is unreachable
-REPLY_TIMEOUT = 10.0  # seconds a connected server may take to answer one command
 
 UNCHECKED = "not checked yet"
 # What a beanstalkd out of file descriptors looks like from here: the kernel completes the TCP

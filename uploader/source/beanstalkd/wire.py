@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from uploader.clock import backoff_delays
 from uploader.errors import InfrastructureError, UploaderError
+from uploader.source.base import DEFAULT_PRIORITY as DEFAULT_PRIORITY  # the wire default, shared
 
 
 class BeanstalkError(UploaderError):
@@ -79,7 +80,6 @@ _ERRORS: dict[str, type[BeanstalkError]] = {
     "DEADLINE_SOON": DeadlineSoon,
 }
 
-DEFAULT_PRIORITY = 2**31
 MAX_TUBE_NAME = 200
 
 
