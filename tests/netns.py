@@ -316,9 +316,11 @@ class Partition:
 
     def __init__(self, servers: dict[str, int]) -> None:
         self.name = f"{PREFIX}{os.getpid()}-{next(_serial)}"
-        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))  # short: a unix socket path is <= 107 bytes
+        # Short (a unix socket's path is at most 107 bytes), and named for clean_stale.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.routes = [Route(name, port, str(self.dir / f"{name}.sock")) for name, port in servers.items()]
         self.control = str(self.dir / "control.sock")
+        self.gate_log = self.dir / "gate.log"
         self.relays = Relays(self.routes)
         self.gate: subprocess.Popen[bytes] | None = None
         self.created = False
@@ -345,18 +347,20 @@ class Partition:
 
     def _start_gate(self) -> None:
         routes = [f"--route={r.name},{r.port},{r.sock}" for r in self.routes]
-        self.gate = subprocess.Popen(
-            self.argv([sys.executable, "-m", "tests.netns", "gate", f"--control={self.control}", *routes]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        argv = [sys.executable, "-m", "tests.netns", "gate", f"--control={self.control}", *routes]
+        with open(self.gate_log, "ab") as log:  # a file, not a pipe: nothing can fill and block it
+            self.gate = subprocess.Popen(
+                self.argv(argv),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
         assert self.gate.stdout is not None
         ready, _, _ = select.select([self.gate.stdout], [], [], START_TIMEOUT)
         line = self.gate.stdout.readline() if ready else b""
         if line.strip() != b"ready":
             self.gate.kill()
-            _, err = self.gate.communicate(timeout=5)
-            why = err.decode(errors="replace")[-2000:]
+            self.gate.wait(5)
+            why = self.gate_log.read_text(errors="replace")[-2000:]
             raise Unavailable(f"the gate did not start in {self.name}: {why}")
 
     def argv(self, command: list[str]) -> list[str]:
@@ -375,9 +379,8 @@ class Partition:
             except subprocess.TimeoutExpired:
                 self.gate.kill()
                 self.gate.wait(5)
-            for stream in (self.gate.stdout, self.gate.stderr):
-                if stream is not None:
-                    stream.close()
+            if self.gate.stdout is not None:
+                self.gate.stdout.close()
             self.gate = None
         if self.created:
             _kill_inside(self.name)
@@ -465,6 +468,10 @@ def clean_stale() -> list[str]:
         _kill_inside(name)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         removed.append(name)
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*-*"):
+        match = NAME.match(path.name.rsplit("-", 1)[0])
+        if match is not None and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
