@@ -324,7 +324,6 @@ class Partition:
         self.relays = Relays(self.routes)
         self.gate: subprocess.Popen[bytes] | None = None
         self.created = False
-        self.state = {r.name: "open" for r in self.routes}
 
     # --- life ---
 
@@ -395,21 +394,19 @@ class Partition:
         """Drop every packet to and from `name`'s port, both ways: a silent partition."""
         self._route(name)
         self._nft(f"flush chain {TABLE} cut_{name}\nadd rule {TABLE} cut_{name} drop\n")
-        self.state[name] = "cut"
 
     def heal(self, name: str) -> None:
         """Undo `cut` and `lossy` for `name` (a delay stays until set to 0)."""
         self._route(name)
         self._nft(f"flush chain {TABLE} cut_{name}\nflush chain {TABLE} loss_{name}\n")
-        self.state[name] = "open"
 
     def lossy(self, name: str, percent: int) -> None:
         """Drop `percent` of the packets to and from `name`'s port, at random."""
         assert 0 <= percent <= 100
         self._route(name)
-        self._nft(f"flush chain {TABLE} loss_{name}\n"
-                  f"add rule {TABLE} loss_{name} numgen random mod 100 < {percent} drop\n")
-        self.state[name] = f"{percent}% loss"
+        rule = "drop" if percent == 100 else f"numgen random mod 100 < {percent} drop"  # mod 100: 0-99
+        script = f"flush chain {TABLE} loss_{name}\n"
+        self._nft(script + (f"add rule {TABLE} loss_{name} {rule}\n" if percent else ""))
 
     def drop_server_side(self, name: str) -> int:
         """End `name`'s bridged connections at the relay, towards the server only: the server
@@ -458,10 +455,8 @@ def _kill_inside(name: str) -> None:
 def clean_stale() -> list[str]:
     """Remove the `upl-<pid>-<n>` namespaces of test runs whose pid is gone (killed before their
     teardown), with whatever they left running inside; the names removed."""
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     removed = []
-    for line in done.stdout.splitlines():
-        name = line.split(" ", 1)[0]
+    for name in namespaces():
         match = NAME.match(name)
         if match is None or _alive(int(match.group(1))):
             continue
@@ -473,6 +468,12 @@ def clean_stale() -> list[str]:
         if match is not None and not _alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def namespaces() -> list[str]:
+    """The names `ip netns list` shows."""
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return [line.split(" ", 1)[0] for line in done.stdout.splitlines() if line.strip()]
 
 
 def _alive(pid: int) -> bool:
