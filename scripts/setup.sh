@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what uploader needs on a fresh Debian/Ubuntu machine: beanstalkd, redis-server,
-# systemd's analysis tools and chromium (the status page's browser test) from apt (only those
-# missing), and a virtualenv in .venv with the package and its dev extra; for the Azure tests,
-# Azurite (npm) in a cache, with node and npm from apt if npm is missing. Safe to run again.
+# systemd's analysis tools, chromium (the status page's browser test), and iproute2 and
+# nftables (the network-partition tests, tests/netns.py) from apt (only those missing), and a
+# virtualenv in .venv with the package and its dev extra; for the Azure tests, Azurite (npm) in
+# a cache, with node and npm from apt if npm is missing. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v beanstalkd >/dev/null || missing+=(beanstalkd)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
