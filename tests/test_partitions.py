@@ -44,7 +44,7 @@ from tests.helpers import (
     write_config,
 )
 from tests.netns import Partition, Timeline, Unavailable, clean_stale, namespaces, rss_kib
-from uploader.beanstalk import Connection, NotFound
+from uploader.source.beanstalkd.wire import Connection, NotFound
 
 S3_SECRET = "netns-s3-SECRET-" + os.urandom(8).hex()
 PUT_DELAY = 0.1  # seconds each PUT is held at its proxy: 4 slots make about 40 files/s a daemon
@@ -74,7 +74,9 @@ class NsDaemon(DaemonProcess):
     def start(self) -> NsDaemon:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.part.argv([sys.executable, "-m", "uploader.cli", "run", "--config", str(self.config)]),
+                self.part.argv(
+                    [sys.executable, "-m", "uploader.cli.main", "run", "--config", str(self.config)]
+                ),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
             )
